@@ -475,13 +475,17 @@ def dequantize_sum(
     bits = _check_bits(bits, ring)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"expected n >= 1 contributors, got {n!r}")
+    _check_vector(s, "s")
     top = 2**bits - 1
-    if s.size and int(s.max()) > int(n) * top:
+    out = np.empty(s.shape[0], dtype=np.float64)
+    bound = min(int(n) * top, 2**ring - 1)
+    over = _impl.dequantize_into(out, np.ascontiguousarray(s), 2.0 * c, float(top), float(n) * c, bound)
+    if over:
         raise ValueError(
-            f"a summed word exceeds n*(2**bits - 1) for n={n}, bits={bits}: "
+            f"{over} summed word(s) exceed n*(2**bits - 1) for n={n}, bits={bits}: "
             "the masks did not cancel"
         )
-    return (s.astype(np.float64) * (2.0 * c)) / float(top) - float(n) * c
+    return out
 
 
 def clip_histogram(x: np.ndarray, *, clipping_range: float) -> tuple[int, int, int, int]:

@@ -78,6 +78,14 @@ const sa_kernel *sa_kernel_find(const char *name);
 void sa_sum_u32(uint32_t *acc, const uint32_t *const *vs, size_t nv, size_t n);
 void sa_sum_u64(uint64_t *acc, const uint64_t *const *vs, size_t nv, size_t n);
 
+/* Server side, one pass: out[i] = ((double)s[i] * two_c) / top - nc in float64, in
+ * exactly that order (DESIGN §4). Returns how many words exceed bound: a word above
+ * m * (2^b - 1) means the masks did not cancel, and the caller must not use out. */
+size_t sa_dequantize_u32(double *out, const uint32_t *s, size_t n, double two_c, double top,
+                         double nc, uint64_t bound);
+size_t sa_dequantize_u64(double *out, const uint64_t *s, size_t n, double two_c, double top,
+                         double nc, uint64_t bound);
+
 #ifdef __cplusplus
 }
 #endif

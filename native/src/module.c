@@ -475,6 +475,60 @@ done:
     return result;
 }
 
+static PyObject *sa_dequantize_into(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"out", "s", "two_c", "top", "nc", "bound", NULL};
+    PyObject *out_obj, *s_obj, *bound_obj, *result = NULL;
+    Py_buffer out = {0}, s = {0};
+    double two_c, top, nc;
+    uint64_t bound;
+    size_t over;
+    (void)module;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOdddO:dequantize_into", kwlist, &out_obj,
+                                     &s_obj, &two_c, &top, &nc, &bound_obj))
+        return NULL;
+    if (sa_parse_u64(bound_obj, "bound", &bound) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return NULL;
+    const char *f = sa_format_body(&out);
+    if (f == NULL || f[0] != 'd' || f[1] != '\0' || out.itemsize != 8) {
+        PyErr_Format(PyExc_TypeError, "expected out to be a little-endian float64 buffer, "
+                     "got format '%.20s'", sa_format_text(&out));
+        goto done;
+    }
+    if (sa_get_words(s_obj, &s, 0, "s") < 0)
+        goto done;
+    if (out.len / 8 != s.len / s.itemsize) {
+        PyErr_Format(PyExc_ValueError, "expected out of length %zd, got %zd",
+                     s.len / s.itemsize, out.len / 8);
+        goto done;
+    }
+    if (!(isfinite(two_c) && isfinite(top) && isfinite(nc) && top > 0)) {
+        PyErr_SetString(PyExc_ValueError, "expected finite two_c and nc and a finite top > 0");
+        goto done;
+    }
+    const size_t n = (size_t)(out.len / 8);
+    if (sa_worth_releasing((size_t)out.len, 1)) {
+        Py_BEGIN_ALLOW_THREADS
+        over = s.itemsize == 4
+                   ? sa_dequantize_u32((double *)out.buf, (const uint32_t *)s.buf, n, two_c, top, nc, bound)
+                   : sa_dequantize_u64((double *)out.buf, (const uint64_t *)s.buf, n, two_c, top, nc, bound);
+        Py_END_ALLOW_THREADS
+    } else {
+        over = s.itemsize == 4
+                   ? sa_dequantize_u32((double *)out.buf, (const uint32_t *)s.buf, n, two_c, top, nc, bound)
+                   : sa_dequantize_u64((double *)out.buf, (const uint64_t *)s.buf, n, two_c, top, nc, bound);
+    }
+    result = PyLong_FromSize_t(over);
+done:
+    if (s.obj != NULL)
+        PyBuffer_Release(&s);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *sa_keystream(PyObject *module, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"key", "iv", "nbytes", NULL};
@@ -535,6 +589,11 @@ static PyMethodDef sa_methods[] = {
     {"sum_into", (PyCFunction)(void (*)(void))sa_sum_into, METH_VARARGS | METH_KEYWORDS,
      "sum_into($module, acc, vectors)\n--\n\n"
      "In place: acc += sum of vectors (a list or tuple), mod 2^32 or 2^64."},
+    {"dequantize_into", (PyCFunction)(void (*)(void))sa_dequantize_into,
+     METH_VARARGS | METH_KEYWORDS,
+     "dequantize_into($module, out, s, two_c, top, nc, bound)\n--\n\n"
+     "out[i] = ((s[i] * two_c) / top) - nc in float64 (DESIGN §4); returns how many\n"
+     "words of s exceed bound."},
     {"keystream", (PyCFunction)(void (*)(void))sa_keystream, METH_VARARGS | METH_KEYWORDS,
      "keystream($module, key, iv, nbytes)\n--\n\n"
      "Test hook: raw AES-128-CTR keystream (bytes) from the initial counter block iv."},

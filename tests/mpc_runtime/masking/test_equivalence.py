@@ -88,3 +88,23 @@ def test_sum_native_equals_reference(native_variant: ModuleType, n, count, ring,
 @given(nbytes=st.integers(0, 3000), iv=st.binary(min_size=16, max_size=16), key=st.binary(min_size=16, max_size=16))
 def test_keystream_native_equals_reference(native_variant: ModuleType, nbytes, iv, key) -> None:
     assert native_variant.keystream(key, iv, nbytes) == _reference.keystream(key, iv, nbytes)
+
+
+@given(
+    n=st.one_of(st.sampled_from(EDGE_LENGTHS), st.integers(0, 5000)),
+    ring=st.sampled_from([32, 64]),
+    m=st.integers(1, 2**16),
+    bits=st.integers(1, 48),
+    c=st.sampled_from([3.0, 0.5, 1e-3, 1e6]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_dequantize_native_equals_reference(native_variant: ModuleType, n, ring, m, bits, c, seed) -> None:
+    dtype = np.uint32 if ring == 32 else np.uint64
+    s = np.random.default_rng(seed).integers(0, np.iinfo(dtype).max, n, dtype=dtype, endpoint=True)
+    top = 2 ** min(bits, ring) - 1
+    bound = min(m * top, np.iinfo(dtype).max)
+    got, want = np.empty(n), np.empty(n)
+    over_native = native_variant.dequantize_into(got, s, 2 * c, float(top), m * c, bound)
+    over_ref = _reference.dequantize_into(want, s, 2 * c, float(top), m * c, bound)
+    assert over_native == over_ref
+    np.testing.assert_array_equal(got, want)
