@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from mpc_runtime import masking
 from mpc_runtime.masking import _reference
+from mpc_runtime.masking._cpu import cpu_flags, cpu_model
 
 C = 3.0
 
@@ -51,17 +52,8 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def cpu_description() -> dict[str, str]:
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith(("flags", "Features")) and not flags:
-                have = set(line.split(":", 1)[1].split())
-                flags = " ".join(f for f in ("aes", "avx2", "avx512f", "vaes", "vpclmulqdq") if f in have)
-    except OSError:
-        pass
-    return {"model": model, "flags": flags, "machine": platform.machine(), "cores": str(os.cpu_count())}
+    return {"model": cpu_model(), "flags": " ".join(cpu_flags()), "machine": platform.machine(),
+            "cores": str(os.cpu_count())}
 
 
 def kernel_args(keys: list[bytes]) -> tuple[bytes, bytes]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
@@ -17,24 +16,12 @@ settings.register_profile("thorough", max_examples=1000, deadline=None, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def _cpu_flags() -> str:
-    wanted = ("aes", "avx2", "avx512f", "vaes", "vpclmulqdq", "sha_ni")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            have = set(line.split(":", 1)[1].split())
-            return " ".join(f for f in wanted if f in have) or "none of " + ",".join(wanted)
-    return "unknown"
-
-
 def pytest_report_header(config: object) -> list[str]:
     from mpc_runtime import masking
+    from mpc_runtime.masking._cpu import cpu_flags, cpu_model
 
     return [
         f"secagg masking IMPLEMENTATION={masking.IMPLEMENTATION} "
         f"(SECAGG_KERNEL={os.environ.get('SECAGG_KERNEL', 'auto')})",
-        f"cpu: {platform.machine()} flags: {_cpu_flags()}",
+        f"cpu: {cpu_model()} ({platform.machine()}) flags: {' '.join(cpu_flags())}",
     ]

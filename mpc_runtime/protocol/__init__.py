@@ -1,10 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Protocol state machines of DESIGN §3 for the node and the server: messages in, messages out, no I/O."""
+"""Node and server state machines of DESIGN §3: messages in, messages out, no I/O."""
 
 from .node import TRANSITIONS, ContextRecord, InputProvider, Node, NodeStage, Outgoing
 from .round import ClipTotals, RoundResult, request_digest, weights_hash
 from .server import SERVER_TRANSITIONS, Server, ServerStage
-from .setup import check_threshold, compute_context_id, compute_transcript, threshold_floor
+from .setup import (
+    check_threshold,
+    compute_context_id,
+    compute_transcript,
+    threshold_floor,
+)
 from .store import MemoryNodeStore, NodeStore, StepAlreadyCommitted
 
 __all__ = [
