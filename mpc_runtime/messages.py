@@ -436,7 +436,9 @@ class Tensor:
             self.name == other.name
             and self.data.dtype == other.data.dtype
             and self.data.shape == other.data.shape
-            and bool(np.array_equal(self.data, other.data))
+            # Messages are equal when their bytes are: NaN payloads compare equal
+            # to themselves, and -0.0 differs from 0.0.
+            and self.data.tobytes() == other.data.tobytes()
         )
 
     __hash__ = None  # type: ignore[assignment]
