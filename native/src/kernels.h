@@ -26,8 +26,15 @@
 SA_HIDDEN unsigned sa_cpu_features(void);
 
 #if defined(SA_HAVE_X86)
-SA_HIDDEN extern const sa_kernel sa_kernel_aesni;
+SA_HIDDEN extern const sa_kernel sa_kernel_aesni;      /* SSE4.1 quantizer */
+SA_HIDDEN extern const sa_kernel sa_kernel_aesni_avx2; /* AVX2 quantizer, also "aesni" */
 SA_HIDDEN extern const sa_kernel sa_kernel_vaes;
 #endif
+
+/* Every compiled build this CPU and OS can run, best first, including builds that
+ * share a public name (two are "aesni"); build[i] names each one ("aesni-avx2").
+ * Returns how many (<= max). For kernel_test, which checks each build directly;
+ * sa_kernels_available and sa_kernel_find give only the best build of each name. */
+SA_HIDDEN size_t sa_kernel_builds(const sa_kernel **out, const char **build, size_t max);
 
 #endif /* SECAGG_KERNELS_H */

@@ -1,61 +1,17 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* mask_aesni.c: the fused masking kernel with AES-NI and SSE4.1 (-maes -msse4.1).
+/* mask_aesni.c: the fused masking kernel with AES-NI and SSE4.1 (-maes -msse4.1),
+ * the "aesni" build for CPUs without AVX2 (or an OS without YMM state).
  *
- * AES-NI has a latency of about 4 cycles and issues up to 2 per cycle on recent
- * cores, so 8 independent blocks are kept in flight (Intel's AES-NI white paper,
- * "parallelizing CTR"). The quantizer works on 2 doubles per xmm register, and for
- * the first key it runs between that key's AES rounds.
+ * 8 xmm blocks in flight (sa_bulk_aesni, mask_x86.h). The quantizer works on 2
+ * doubles per xmm register, and for the first key it runs between that key's AES
+ * rounds. mask_aesni_avx2.c is the same cipher with the AVX2 quantizer.
  */
 #include "mask_x86.h"
-
-#define SA_AESNI_LANES 8
-
-SA_INLINE void sa_bulk_aesni(const __m128i rk[11], uint64_t hi, uint64_t lo, uint8_t *dst,
-                             size_t nb, const int op)
-{
-    const __m128i bswap = sa_bswap128_mask();
-    /* Little-endian counter: low qword lo, high qword hi. The caller guarantees that
-     * lo does not wrap within these nb blocks, so 64-bit lane adds are exact. */
-    __m128i ctr = _mm_set_epi64x((long long)hi, (long long)lo);
-    const __m128i one = _mm_set_epi64x(0, 1);
-    const __m128i k0 = rk[0], k1 = rk[1], k2 = rk[2], k3 = rk[3], k4 = rk[4], k5 = rk[5];
-    const __m128i k6 = rk[6], k7 = rk[7], k8 = rk[8], k9 = rk[9], k10 = rk[10];
-    size_t i = 0;
-    for (; i + SA_AESNI_LANES <= nb; i += SA_AESNI_LANES) {
-        __m128i b[SA_AESNI_LANES];
-        for (int t = 0; t < SA_AESNI_LANES; t++) {
-            b[t] = _mm_xor_si128(_mm_shuffle_epi8(ctr, bswap), k0);
-            ctr = _mm_add_epi64(ctr, one);
-        }
-#define SA_ROUND(K)                                                                           \
-    for (int t = 0; t < SA_AESNI_LANES; t++)                                                  \
-        b[t] = _mm_aesenc_si128(b[t], K);
-        SA_ROUND(k1) SA_ROUND(k2) SA_ROUND(k3) SA_ROUND(k4) SA_ROUND(k5)
-        SA_ROUND(k6) SA_ROUND(k7) SA_ROUND(k8) SA_ROUND(k9)
-#undef SA_ROUND
-        for (int t = 0; t < SA_AESNI_LANES; t++) {
-            b[t] = _mm_aesenclast_si128(b[t], k10);
-            sa_apply128(dst + SA_BLOCK_SIZE * (i + (size_t)t), b[t], op);
-        }
-    }
-    for (; i < nb; i++) {
-        __m128i b = sa_aes128_block(rk, _mm_shuffle_epi8(ctr, bswap));
-        ctr = _mm_add_epi64(ctr, one);
-        sa_apply128(dst + SA_BLOCK_SIZE * i, b, op);
-    }
-}
 
 static void sa_ctr_bulk(const __m128i rk[11], uint64_t hi, uint64_t lo, uint8_t *dst,
                         size_t nblocks, int op)
 {
-    /* One specialized loop per operation, so the loop body has no branch. */
-    switch (op) {
-    case SA_OP_STORE: sa_bulk_aesni(rk, hi, lo, dst, nblocks, SA_OP_STORE); break;
-    case SA_OP_ADD32: sa_bulk_aesni(rk, hi, lo, dst, nblocks, SA_OP_ADD32); break;
-    case SA_OP_SUB32: sa_bulk_aesni(rk, hi, lo, dst, nblocks, SA_OP_SUB32); break;
-    case SA_OP_ADD64: sa_bulk_aesni(rk, hi, lo, dst, nblocks, SA_OP_ADD64); break;
-    default: sa_bulk_aesni(rk, hi, lo, dst, nblocks, SA_OP_SUB64); break;
-    }
+    sa_ctr_bulk_aesni(rk, hi, lo, dst, nblocks, op);
 }
 
 /* DESIGN §4 on 2 doubles: returns 2^52 + q in each lane (q in the low mantissa bits).
