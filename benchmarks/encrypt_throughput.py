@@ -40,15 +40,22 @@ from mpc_runtime.masking._cpu import cpu_flags, cpu_model
 C = 3.0
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Minimum wall time of ``repeats`` calls after one warm-up (the least disturbed)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Minimum wall time of each function over ``repeats`` interleaved rounds.
+
+    Interleaving (a, b, c, a, b, c, ...) exposes every contender to the same load on a
+    shared machine, so the ratios between them hold even when absolute times drift;
+    the minimum is the least disturbed run. One warm-up call each comes first.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def cpu_description() -> dict[str, str]:
@@ -101,11 +108,16 @@ def node_benchmarks(sizes: list[int], ks: list[int], rings: list[int], repeats: 
                 keys = [os.urandom(16) for _ in range(k)]
                 kb, sb = kernel_args(keys)
                 reps = max(1, repeats if d <= 10**6 else repeats // 2)
-                t_nat = best_time(
-                    lambda: masking.protect_into(out, x, clipping_range=C, bits=bits, ring_bits=ring,
-                                                 add_keys=keys[0::2], sub_keys=keys[1::2]), reps)
-                t_ref = best_time(lambda: _reference.protect_into(out, x, C, bits, kb, sb), max(1, reps // 2))
-                t_ssl = best_time(lambda: openssl_keystreams(keys, zeros, ks_out), reps) if k else float("nan")
+                contenders: dict[str, Callable[[], object]] = {
+                    "native": lambda: masking.protect_into(
+                        out, x, clipping_range=C, bits=bits, ring_bits=ring,
+                        add_keys=keys[0::2], sub_keys=keys[1::2]),
+                    "reference": lambda: _reference.protect_into(out, x, C, bits, kb, sb),
+                }
+                if k:
+                    contenders["openssl"] = lambda: openssl_keystreams(keys, zeros, ks_out)
+                t = best_times(contenders, reps)
+                t_nat, t_ref, t_ssl = t["native"], t["reference"], t.get("openssl", float("nan"))
                 row = {
                     "d": d, "k": k, "ring": ring,
                     "native": d / t_nat, "reference": d / t_ref,
@@ -123,9 +135,11 @@ def node_benchmarks(sizes: list[int], ks: list[int], rings: list[int], repeats: 
     keys = [os.urandom(16) for _ in range(3)]
     out = np.empty(pyloop_d, np.uint32)
     bits = masking.bits_for(10, 32)
-    t_loop = best_time(lambda: pyloop_mask(x, keys, bits), 1)
-    t_nat = best_time(lambda: masking.protect_into(out, x, clipping_range=C, bits=bits,
-                                                   add_keys=keys[0::2], sub_keys=keys[1::2]), repeats)
+    # The loop is hundreds of times slower, so interleaving buys nothing here, and the
+    # kernel's call on this small d is short enough to need many samples.
+    t_loop = best_times({"pyloop": lambda: pyloop_mask(x, keys, bits)}, 2)["pyloop"]
+    t_nat = best_times({"native": lambda: masking.protect_into(
+        out, x, clipping_range=C, bits=bits, add_keys=keys[0::2], sub_keys=keys[1::2])}, 4 * repeats)["native"]
     assert pyloop_mask(x, keys, bits) == out.tolist(), "the loop baseline must compute the same words"
     print(f"  pyloop d={pyloop_d:,} k=3: {pyloop_d / t_loop / 1e6:.3f} M/s; native {pyloop_d / t_nat / 1e6:.1f} M/s; "
           f"ratio {t_loop / t_nat:,.0f}x", flush=True)
@@ -144,12 +158,12 @@ def server_benchmark(d: int, n: int, repeats: int) -> dict:
         s = masking.sum_masked(vectors)
         masking.dequantize_sum(s, n, clipping_range=C, bits=bits)
 
-    t_sum = best_time(secure, repeats)
     flat32 = rng.uniform(1, 2, n * d).astype(np.float32)
     flatu = np.concatenate(vectors)
     # numpy's read bandwidth: the faster of a float32 and a uint32 reduction over
     # the same number of bytes, so the bar is the higher one.
-    t_np = min(best_time(flat32.sum, repeats), best_time(flatu.sum, repeats))
+    t = best_times({"secure": secure, "f32": flat32.sum, "u32": flatu.sum}, repeats)
+    t_sum, t_np = t["secure"], min(t["f32"], t["u32"])
 
     def peak(count: int) -> int:
         pool = vectors[:4]
