@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
 from types import ModuleType
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -62,7 +62,7 @@ KEY_SIZE: Final = 16
 #: More bits than this exceed float64's exact integer range and buy no precision.
 MAX_BITS: Final = 48
 _VARIANTS: Final = ("vaes", "aesni", "armv8")
-_RING_DTYPES: Final = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
+_RING_DTYPES: Final[dict[int, np.dtype[Any]]] = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
 # sum_masked pulls this many vectors at a time, so its memory is bounded however
 # many vectors the iterable yields, while each chunk of the sum is written once
 # per batch instead of once per vector.
