@@ -51,6 +51,7 @@ from .errors import MalformedMessage, VersionMismatch
 from .messages import (
     MASK_EXTRA_WORDS,
     MAX_ARGS_BYTES,
+    MAX_FIELD_BYTES,
     MAX_NODES,
     MAX_STREAMS,
     MAX_TENSORS,
@@ -420,7 +421,13 @@ def _decode_round_request(
         count = math.prod(shape)
         if count > MAX_WORDS:
             raise ValueError("expected a tensor of at most MAX_WORDS elements")
-        view = _payload(frame, count * dtype.itemsize, "tensor")
+        nbytes = count * dtype.itemsize
+        if nbytes > MAX_FIELD_BYTES:
+            # D_r's weights hash gives each tensor's bytes a 4-byte length prefix.
+            raise ValueError(
+                f"expected a tensor of at most {MAX_FIELD_BYTES} bytes, got {nbytes}"
+            )
+        view = _payload(frame, nbytes, "tensor")
         data = np.frombuffer(view, dtype=dtype, count=count).reshape(shape)
         weights.append(Tensor(name=_str(tname, "tensor name"), data=data))
     return RoundRequest(

@@ -64,6 +64,7 @@ __all__ = [
     "MAX_DIMS",
     "MAX_WORDS",
     "MAX_ARGS_BYTES",
+    "MAX_FIELD_BYTES",
     "MAX_BOX_SIZE",
     "MAX_SHARE_SIZE",
     "MASK_EXTRA_WORDS",
@@ -120,6 +121,10 @@ MAX_DIMS: Final = 8
 #: Words per vector frame (data words plus the 6 extra words of a masked vector).
 MAX_WORDS: Final = 1 << 31
 MAX_ARGS_BYTES: Final = 1 << 16
+#: Largest byte length of a weights tensor or byte string: DESIGN §3's encoding gives
+#: it a 4-byte length prefix (the weights hash encodes every tensor's bytes that way).
+#: Byte strings are bounded far below (keys, boxes, shares, args); tensors are checked.
+MAX_FIELD_BYTES: Final = (1 << 32) - 1
 #: An AEAD box: 24-byte nonce + a Shamir share (< 128 bytes) + 16-byte tag.
 MAX_BOX_SIZE: Final = 256
 MAX_SHARE_SIZE: Final = 128
@@ -684,6 +689,14 @@ class RoundRequest(Message):
         check_name(self.name, "task or plan name")
         _check_args(self.args)
         _check_tensors(self.weights, "weights", MAX_TENSORS)
+        for tensor in self.weights:
+            if tensor.data.nbytes > MAX_FIELD_BYTES:
+                # The weights hash (part of D_r) prefixes each tensor's bytes with
+                # a 4-byte length: a larger tensor cannot be hashed.
+                raise ValueError(
+                    f"expected weights tensors of at most {MAX_FIELD_BYTES} bytes, "
+                    f"got {tensor.data.nbytes}"
+                )
         if not isinstance(self.streams, tuple):
             raise TypeError(
                 f"expected streams as a tuple, got {_type_name(self.streams)}"

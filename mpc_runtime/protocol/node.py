@@ -667,6 +667,9 @@ class Node:
             )
             self._end_round(ctx)
         digest = request_digest(rec.transcript, msg)
+        # DESIGN §3: r is spent once accepted for processing, so a round refused
+        # below (shape, policy, input) can never be reused, across restarts too.
+        self._commit(ctx, msg.round, "request", digest)
         inputs = self._collect_inputs(msg)
         c_secret, c_public = keys.generate_x25519()
         b_seed = os.urandom(keys.SEED_SIZE)

@@ -455,6 +455,63 @@ def test_message_construction_bad_field_raises_value_error():
         )
 
 
+# DESIGN §3's encoding prefixes a tensor's bytes (in the weights hash of D_r) and
+# every byte string with a 4-byte length: nothing longer may be decoded or built.
+_PREFIX_LIMIT = (1 << 32) - 1
+
+
+def _round_request_frames(dtype: str, shape: list[int], frame: bytes) -> list[bytes]:
+    items = [1, 10, CID, 1, R, "task", "t", b"{}", [["w", dtype, shape]], [["s", [1]]]]
+    return [msgpack.packb(items, use_bin_type=True), frame]
+
+
+def test_decode_tensor_over_4_gib_raises_malformed_before_reading_the_frame():
+    # 2**29 + 1 float64 elements: within MAX_WORDS, but 4 GiB + 8 bytes. The header
+    # alone declares it; no frame of that size is needed to hit the bound.
+    frames = _round_request_frames("float64", [(1 << 29) + 1], b"")
+    with pytest.raises(MalformedMessage, match=f"at most {_PREFIX_LIMIT} bytes"):
+        framing.decode(frames)
+
+
+def test_decode_tensor_over_configured_byte_limit_raises_malformed(monkeypatch):
+    monkeypatch.setattr(framing, "MAX_FIELD_BYTES", 16)
+    ok = framing.decode(_round_request_frames("float64", [2], bytes(16)))
+    assert ok.weights[0].data.nbytes == 16
+    with pytest.raises(MalformedMessage, match="at most 16 bytes, got 24"):
+        framing.decode(_round_request_frames("float64", [3], bytes(24)))
+
+
+def test_round_request_tensor_over_4_gib_raises_value_error_without_allocating():
+    def request(elements: int) -> m.RoundRequest:
+        # A zero-stride view: nbytes is elements * 8, nothing is allocated.
+        data = np.broadcast_to(np.zeros(1, dtype="<f8"), (elements,))
+        return m.RoundRequest(
+            context_id=CID,
+            round=1,
+            sender=R,
+            kind="task",
+            name="t",
+            weights=(m.Tensor("w", data),),
+            streams=(m.StreamSpec("s", (1,)),),
+        )
+
+    assert request((1 << 29) - 1).weights[0].data.nbytes == _PREFIX_LIMIT - 7
+    with pytest.raises(ValueError, match=f"at most {_PREFIX_LIMIT} bytes"):
+        request(1 << 29)  # exactly 4 GiB: one byte too long for the prefix
+
+
+def test_byte_string_limits_fit_the_4_byte_length_prefix():
+    assert m.MAX_FIELD_BYTES == _PREFIX_LIMIT
+    for limit in (
+        m.MAX_ARGS_BYTES,
+        m.MAX_BOX_SIZE,
+        m.MAX_SHARE_SIZE,
+        framing.MAX_HEADER_BYTES,
+        *framing._UNPACK_LIMITS.values(),
+    ):
+        assert limit <= _PREFIX_LIMIT
+
+
 # ----------------------------------------------------------------- hypothesis
 
 _ID_CHARS = string.ascii_letters + string.digits

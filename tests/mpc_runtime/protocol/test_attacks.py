@@ -163,6 +163,66 @@ def test_attack_relabel_shares_peer_left_out_and_round_aborts(net):
     _assert_no_leak(net, r)
 
 
+# A point of order 8 (libsodium's list): X25519 with it is all-zero for any scalar.
+LOW_ORDER_POINT = bytes.fromhex(
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"
+)
+
+
+def test_attack_low_order_mask_key_peer_left_out_and_round_aborts(net):
+    """Show a a low-order C_c^r, validly signed by a colluding c (its boxes are
+    untouched and open): a's X25519 with it would be all-zero, so a leaves c out of
+    P_a^r; c masked with a, so the peer sets disagree and the round aborts before
+    anything is revealed (DESIGN §3: all-zero X25519 outputs are rejected)."""
+
+    def tamper(to, msg):
+        if isinstance(msg, RoundAdverts) and to == "a":
+            entries = list(msg.adverts)
+            for i, e in enumerate(entries):
+                if e.node == "c":
+                    signature = keys.sign(
+                        net.signing_keys["c"],
+                        "advert-c",
+                        net.server.transcript,
+                        msg.round,
+                        "c",
+                        LOW_ORDER_POINT,
+                    )
+                    entries[i] = dataclasses.replace(
+                        e, mask_key=LOW_ORDER_POINT, signature=signature
+                    )
+            return dataclasses.replace(msg, adverts=tuple(entries))
+        return msg
+
+    with pytest.raises(RoundAborted) as info:
+        net.run_round(streams=STREAMS, tamper=_no_abort(tamper))
+    r = net.last_round
+    assert "peer sets" in str(info.value)
+    assert set(info.value.nodes) == {"a", "c"}
+    uploads = {
+        i.message.sender: i.message
+        for i in net.seen
+        if i.direction == "in"
+        and i.message.TYPE is MsgType.MASKED_INPUT
+        and i.message.round == r
+    }
+    assert uploads["a"].peers == ("b", "d", "e")
+    assert "a" in uploads["c"].peers
+    assert revealed_counts(net.seen, round=r) == ({}, {})
+    # Pressing on regardless: a refuses to sign an S naming c.
+    out = net.deliver(
+        "a",
+        Survivors(
+            context_id=net.server.context_id,
+            round=r,
+            sender="researcher",
+            survivors=tuple(IDS),
+        ),
+    )
+    assert out[0].message.reason is RefusalReason.SURVIVORS
+    _assert_no_leak(net, r)
+
+
 def test_attack_reflect_shares_back_to_sender_or_other_peer_rejected(net):
     """Give a its own boxes (addressed to b) as if they came from b.
 

@@ -250,6 +250,33 @@ def test_setup_swapped_share_key_refused_as_authentication():
     assert _refusals(net, "a") == [RefusalReason.AUTHENTICATION]
 
 
+def test_setup_duplicate_share_key_in_adverts_refused_as_context_mismatch():
+    """A colluding c re-advertises a's E_a, validly signed with c's own key: only
+    DESIGN §3's "duplicate public keys in one transcript are rejected" stops it."""
+    net = MemoryNetwork(IDS)
+
+    def tamper(to, msg):
+        if isinstance(msg, ContextAdverts) and to == "b":
+            e_a = msg.adverts[0].share_key
+            signature = keys.sign(
+                net.signing_keys["c"], "advert-e", msg.context_id, "c", e_a
+            )
+            adverts = tuple(
+                dataclasses.replace(a, share_key=e_a, signature=signature)
+                if a.node == "c"
+                else a
+                for a in msg.adverts
+            )
+            return dataclasses.replace(msg, adverts=adverts)
+        return msg
+
+    with pytest.raises(ContextMismatch) as info:
+        net.setup(tamper=tamper)
+    assert info.value.fields == ("share_key",) and info.value.nodes == ("b",)
+    assert _refusals(net, "b") == [RefusalReason.CONTEXT_MISMATCH]
+    assert net.nodes["b"].stage(net.server.context_id) is NodeStage.FAILED
+
+
 def test_setup_transcript_differs_node_refuses_context_mismatch():
     captured = {}
 
@@ -494,6 +521,71 @@ def test_node_restart_after_upload_never_redoes_committed_steps():
     )
     assert net.deliver("a", again)[0].message.reason is RefusalReason.UNEXPECTED
     # The restarted node takes part in the next round.
+    assert net.run_round(streams=STREAMS).contributors == tuple(IDS)
+
+
+def _refuse_first_round_on_a(refusal):
+    """Inputs where node a refuses once (shape or policy) and would accept after."""
+    asked = []
+
+    def inputs(v, request):
+        if v == "a" and not asked:
+            asked.append(request.round)
+            if refusal == "policy":
+                raise PolicyRefused("not this round")
+            return {"w": np.zeros(5, dtype=np.float32)}
+        return {"w": np.zeros(4, dtype=np.float32)}
+
+    return inputs
+
+
+def _capture_request_to_a(captured):
+    def tamper(to, msg):
+        if to == "a" and isinstance(msg, RoundRequest):
+            captured.append(msg)
+        return msg
+
+    return tamper
+
+
+@pytest.mark.parametrize("refusal", ["shape", "policy"])
+def test_node_refused_round_number_is_spent_and_refused_when_replayed(refusal):
+    net = MemoryNetwork(IDS, inputs=_refuse_first_round_on_a(refusal))
+    net.setup()
+    cid = net.server.context_id
+    captured = []
+    if refusal == "shape":
+        with pytest.raises(ShapeMismatch):
+            net.run_round(streams=STREAMS, tamper=_capture_request_to_a(captured))
+    else:
+        result = net.run_round(streams=STREAMS, tamper=_capture_request_to_a(captured))
+        assert "a" not in result.contributors
+    assert _refusals(net, "a") == [
+        RefusalReason.SHAPE if refusal == "shape" else RefusalReason.POLICY
+    ]
+    # Refused before any release, yet r = 1 is spent: the replay is refused.
+    out = net.deliver("a", captured[0])
+    assert out[0].message.reason is RefusalReason.UNEXPECTED
+    assert out[0].message.fields == ("round",)
+    assert net.stores["a"].last_round(cid) == 1
+    assert not net.nodes["a"].holds_round_secrets(cid)
+    # The next round number is accepted as usual.
+    assert net.run_round(streams=STREAMS).contributors == tuple(IDS)
+
+
+def test_node_refused_round_number_is_refused_after_restart_on_same_store():
+    net = MemoryNetwork(IDS, inputs=_refuse_first_round_on_a("policy"))
+    net.setup()
+    cid = net.server.context_id
+    captured = []
+    net.run_round(streams=STREAMS, tamper=_capture_request_to_a(captured))
+    assert _refusals(net, "a") == [RefusalReason.POLICY]
+    node = net.restart_node("a")  # a fresh machine on the same MemoryNodeStore
+    assert node.stage(cid) is NodeStage.READY
+    out = net.deliver("a", captured[0])
+    assert out[0].message.reason is RefusalReason.UNEXPECTED
+    assert out[0].message.fields == ("round",)
+    assert not node.holds_round_secrets(cid)
     assert net.run_round(streams=STREAMS).contributors == tuple(IDS)
 
 

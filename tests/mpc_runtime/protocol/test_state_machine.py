@@ -160,7 +160,7 @@ class SecureSumMachine(RuleBasedStateMachine):
     def _check_nothing_revealed(self, r: int) -> None:
         net = self.net
         assert net is not None
-        _, c = revealed_counts(net.seen, round=r)
+        b, c = revealed_counts(net.seen, round=r)
         # An aborted round reveals nothing usable: no c-share of anyone who uploaded,
         # and fewer than t b-shares unless the sum could have been computed.
         uploaded = {
@@ -171,6 +171,15 @@ class SecureSumMachine(RuleBasedStateMachine):
             and i.message.TYPE.name == "MASKED_INPUT"
         }
         assert all(c.get(v, 0) == 0 for v in uploaded)
+        revealers = {
+            i.message.sender
+            for i in net.seen
+            if i.direction == "in"
+            and i.message.round == r
+            and i.message.TYPE.name == "UNMASK_SHARES"
+        }
+        could_sum = len(revealers) >= self.t
+        assert could_sum or all(n_b < self.t for n_b in b.values()), (b, self.t)
 
     @rule(data=st.data())
     def restart_a_node(self, data):
