@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgpack
 import numpy as np
@@ -88,6 +88,10 @@ from .messages import (
     parse_args,
 )
 
+if TYPE_CHECKING:
+    # collections.abc.Buffer needs Python 3.12; typeshed ships this stub.
+    from typing_extensions import Buffer
+
 __all__ = ["encode", "decode", "Frame", "MAX_HEADER_BYTES", "MAX_FRAMES"]
 
 logger = logging.getLogger(__name__)
@@ -110,7 +114,10 @@ _UNPACK_LIMITS: Final = dict(
 )
 
 _LE_DTYPES: Final = {name: np.dtype(name).newbyteorder("<") for name in TENSOR_DTYPES}
-_RING_DTYPE: Final = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
+_RING_DTYPE: Final[dict[int, np.dtype[Any]]] = {
+    32: np.dtype("<u4"),
+    64: np.dtype("<u8"),
+}
 
 
 # ------------------------------------------------------------------------ encode
@@ -119,7 +126,8 @@ _RING_DTYPE: Final = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
 def _raw_frame(data: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> memoryview:
     # No copy when the array is already C-contiguous little-endian (the normal case).
     arr = np.ascontiguousarray(data, dtype=dtype)
-    return memoryview(arr).cast("B") if arr.size else memoryview(b"")
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12.
+    return memoryview(cast("Buffer", arr)).cast("B") if arr.size else memoryview(b"")
 
 
 def _sorted_items(mapping: Mapping[str, Any]) -> list[tuple[str, Any]]:

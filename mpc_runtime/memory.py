@@ -173,11 +173,15 @@ class MemoryNetwork:
 
     def _make_node(self, v: str) -> Node:
         roster = {u: k for u, k in self.public_keys.items() if u != v}
+
+        def inputs(request: RoundRequest) -> Mapping[str, np.ndarray]:
+            return self._inputs(v, request)
+
         return Node(
             v,
             self.signing_keys[v],
             store=self.stores[v],
-            inputs=lambda request, v=v: self._inputs(v, request),
+            inputs=inputs,
             roster=roster if self._peer_trust == "roster" else None,
             peer_trust=self._peer_trust,  # type: ignore[arg-type]
             **self._node_options,

@@ -90,7 +90,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import zmq
 import zmq.auth.thread
@@ -125,7 +125,7 @@ _CURVE_SLACK: Final = 256
 _CURVE_KEY_Z85_LEN: Final = 40
 
 # Monitor events the researcher counts (exposed as ``events``, used by tests).
-_MONITOR_EVENTS: Final = {
+_MONITOR_EVENTS: Final[dict[int, str]] = {
     zmq.EVENT_HANDSHAKE_SUCCEEDED: "handshake_succeeded",
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed_auth",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed_protocol",
@@ -756,7 +756,8 @@ class ResearcherEndpoint(_Endpoint):
             return None
         envelope = sock.recv(zmq.NOBLOCK, copy=False)
         try:
-            user_id = envelope.get("User-Id")
+            # A str property name gives a str (pyzmq's stub says int | str).
+            user_id = cast(str, envelope.get("User-Id"))
         except zmq.ZMQError:
             user_id = ""
         try:

@@ -213,11 +213,15 @@ def _table(doc: dict[str, Any], source: str, required: Iterable[str]) -> None:
 
 
 def _hex32(value: object, what: str, source: str) -> bytes:
+    # bytes.fromhex skips whitespace, so the length is checked after decoding.
     if isinstance(value, str) and len(value) == 64:
         try:
-            return bytes.fromhex(value)
+            raw = bytes.fromhex(value)
         except ValueError:
             pass
+        else:
+            if len(raw) == 32:
+                return raw
     raise ConfigError(f"{source}: expected {what} as 64 hex digits")
 
 

@@ -7,7 +7,7 @@ import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -20,6 +20,10 @@ from ..messages import (
     Tensor,
     canonical_args,
 )
+
+if TYPE_CHECKING:
+    # collections.abc.Buffer needs Python 3.12; typeshed ships this stub.
+    from typing_extensions import Buffer
 
 __all__ = [
     "weights_hash",
@@ -48,7 +52,8 @@ def weights_hash(weights: Sequence[Tensor]) -> bytes:
         )
         h.update(encode_fields([tensor.name, data.dtype.name, list(data.shape)]))
         h.update(_U32.pack(data.nbytes))
-        h.update(memoryview(data).cast("B") if data.size else b"")
+        # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12.
+        h.update(memoryview(cast("Buffer", data)).cast("B") if data.size else b"")
     return h.digest()
 
 

@@ -929,16 +929,16 @@ class Server:
         bad: list[str] = []
         for u in survivors:
             want = rnd.commitments[u]
-            seed = self._recover(
-                rnd.b_shares.get(u, []),
-                keys.SEED_SIZE,
-                lambda s, u=u, want=want: (
+
+            def seed_matches(s: bytes, u: str = u, want: bytes = want) -> bool:
+                return (
                     keys.seed_commitment(
                         s, transcript=self.transcript, round=rnd.round, node=u
                     )
                     == want
-                ),
-            )
+                )
+
+            seed = self._recover(rnd.b_shares.get(u, []), keys.SEED_SIZE, seed_matches)
             if seed is None:
                 bad.append(u)
             else:
@@ -946,10 +946,12 @@ class Server:
         c_secrets: dict[str, bytes] = {}
         for d in dropouts:
             public = rnd.adverts[d].mask_key
+
+            def key_matches(s: bytes, public: bytes = public) -> bool:
+                return keys.x25519_public(s) == public
+
             secret = self._recover(
-                rnd.c_shares.get(d, []),
-                keys.SECRET_KEY_SIZE,
-                lambda s, public=public: keys.x25519_public(s) == public,
+                rnd.c_shares.get(d, []), keys.SECRET_KEY_SIZE, key_matches
             )
             if secret is None:
                 bad.append(d)

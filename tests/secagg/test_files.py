@@ -192,10 +192,15 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main([]) == 2
 
 
-@pytest.mark.parametrize("argv", [["node", "start", "--dir", "x"], ["demo"]])
+@pytest.mark.parametrize("argv", [["demo"]])
 def test_cli_unimplemented_commands_exit_2(capsys, argv):
     assert main(argv) == 2
     assert "not yet implemented" in capsys.readouterr().err
+
+
+def test_cli_node_start_without_node_files_exits_1(capsys, tmp_path):
+    assert main(["node", "start", "--dir", str(tmp_path / "missing")]) == 1
+    assert "secagg: error:" in capsys.readouterr().err
 
 
 def test_cli_help_exits_0(capsys):
@@ -300,6 +305,8 @@ def test_enrolled_with_mismatched_inner_id_rejected(tmp_path):
         ('id = "a"\nverify_key = "00"\ncurve_public = "x"\nz = 1\n', "unknown key"),
         ('id = "a b"\nverify_key = "00"\ncurve_public = "x"\n', "expected id"),
         (f'id = "a"\nverify_key = "00"\ncurve_public = "{_Z85}"\n', "64 hex digits"),
+        # bytes.fromhex skips spaces: 64 characters, only 31 bytes.
+        (f'id = "a"\nverify_key = "{"aa" * 31}  "\ncurve_public = "{_Z85}"\n', "64 hex digits"),
     ],
 )
 def test_bad_pub_file_raises_config_error(tmp_path, text, message):
@@ -413,4 +420,6 @@ def test_python_m_secagg_runs_the_cli(tmp_path):
     done = run("researcher", "init", "--dir", str(r))
     assert done.returncode == 1
     assert done.stderr.startswith("secagg: error: ") and done.stderr.count("\n") == 1
-    assert run("node", "start", "--dir", str(tmp_path)).returncode == 2
+    # No node.toml there: a configuration error (the daemon itself is tested in
+    # test_service.py).
+    assert run("node", "start", "--dir", str(tmp_path)).returncode == 1
