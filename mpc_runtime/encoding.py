@@ -26,11 +26,16 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import Final
 
-__all__ = ["DOMAIN", "encode", "encode_fields"]
+__all__ = ["DOMAIN", "PROTOCOL_VERSION", "encode", "encode_fields"]
 
-#: The prefix of every encoding; the version in it is PROTOCOL_VERSION's.
-DOMAIN = b"secagg/v1/"
+#: One integer for the whole protocol (re-exported by :mod:`mpc_runtime.messages`).
+#: It is bound into every signature, KDF info and AEAD data through :data:`DOMAIN`,
+#: so there is no downgrade; any change to encoded bytes bumps it.
+PROTOCOL_VERSION: Final = 1
+#: The prefix of every encoding, derived from the version so the two cannot drift.
+DOMAIN: Final = b"secagg/v%d/" % PROTOCOL_VERSION
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")

@@ -49,6 +49,10 @@ from typing import Any, ClassVar, Final, Union
 import numpy as np
 import rfc8785
 
+# PROTOCOL_VERSION lives with the encoding it versions; the sizes with the keys.
+from .encoding import PROTOCOL_VERSION
+from .keys import DIGEST_SIZE, PUBLIC_KEY_SIZE, SIGNATURE_SIZE
+
 __all__ = [
     "PROTOCOL_VERSION",
     "MsgType",
@@ -100,16 +104,8 @@ __all__ = [
     "parse_args",
 ]
 
-#: One integer for the whole protocol; bound into every signature and AEAD data
-#: through the ``secagg/v1/`` domain of :mod:`mpc_runtime.encoding`.
-PROTOCOL_VERSION: Final = 1
-
-#: X25519 and Ed25519 public keys (equal to ``keys.PUBLIC_KEY_SIZE``).
-KEY_SIZE: Final = 32
-#: Ed25519 signatures (equal to ``keys.SIGNATURE_SIZE``).
-SIGNATURE_SIZE: Final = 64
-#: SHA-256 digests: context ids, transcripts, seed commitments.
-DIGEST_SIZE: Final = 32
+#: X25519 and Ed25519 public keys.
+KEY_SIZE: Final = PUBLIC_KEY_SIZE
 #: The researcher's setup nonce.
 NONCE_SIZE: Final = 32
 
