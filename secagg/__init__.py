@@ -20,6 +20,8 @@ from mpc_runtime.errors import (
 )
 from mpc_runtime.masking import ClipStats
 
+from .secure_aggregation import SecureAggregation, SumResult
+
 __all__ = [
     "__version__",
     "AuthenticationError",
@@ -33,7 +35,9 @@ __all__ = [
     "ProtocolError",
     "RoundAborted",
     "SecAggError",
+    "SecureAggregation",
     "ShapeMismatch",
+    "SumResult",
     "ThresholdError",
     "UnexpectedMessage",
     "VersionMismatch",

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
@@ -77,6 +80,30 @@ def _node_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_start(args: argparse.Namespace) -> int:
+    # Pin math libraries loaded from now on (torch, BLAS of task modules) to one
+    # thread: a node shares its machine, and the kernel is single-threaded anyway.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from .node import NodeDaemon
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        logger.info("signal %d: stopping", signum)
+        stop.set()
+
+    # Handlers first, so a signal during start-up also ends the daemon with 0.
+    previous = {
+        sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        NodeDaemon(args.dir).run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise _NotImplementedCommand(f"'{name}' is not yet implemented")
@@ -134,9 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     nt.add_argument("pub", nargs="+", help="a peer's node.pub")
     nt.add_argument("--force", action="store_true", help="replace changed keys")
     nt.set_defaults(run=_node_trust)
-    ns = nsub.add_parser("start", help="run the node daemon (not yet implemented)")
+    ns = nsub.add_parser("start", help="run the node daemon (foreground)")
     ns.add_argument("--dir", required=True, help="node directory N")
-    ns.set_defaults(run=_not_yet("node start"))
+    ns.set_defaults(run=_node_start)
 
     d = roles.add_parser("demo", help="researcher + nodes on loopback (not yet)")
     d.add_argument("--out", default=".", help="where to write secagg-demo.png")

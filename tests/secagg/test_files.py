@@ -306,7 +306,10 @@ def test_enrolled_with_mismatched_inner_id_rejected(tmp_path):
         ('id = "a b"\nverify_key = "00"\ncurve_public = "x"\n', "expected id"),
         (f'id = "a"\nverify_key = "00"\ncurve_public = "{_Z85}"\n', "64 hex digits"),
         # bytes.fromhex skips spaces: 64 characters, only 31 bytes.
-        (f'id = "a"\nverify_key = "{"aa" * 31}  "\ncurve_public = "{_Z85}"\n', "64 hex digits"),
+        (
+            f'id = "a"\nverify_key = "{"aa" * 31}  "\ncurve_public = "{_Z85}"\n',
+            "64 hex digits",
+        ),
     ],
 )
 def test_bad_pub_file_raises_config_error(tmp_path, text, message):

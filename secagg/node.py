@@ -1,0 +1,340 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The node daemon (DESIGN §1): key custody, policy, tasks, and the ZeroMQ loop.
+
+:class:`NodeDaemon` drives one :class:`mpc_runtime.protocol.node.Node` over a
+:class:`mpc_runtime.transport.NodeEndpoint`: receive a message, hand it to the
+machine with the monotonic clock, send its replies, and tick it. The machine does
+the cryptography and keeps the durable state in a
+:class:`secagg.store.FileNodeStore` in the node directory.
+
+Driver messages
+---------------
+Besides the protocol, the daemon and :class:`secagg.SecureAggregation` exchange
+two kinds of *driver* messages. They reuse existing message types (so the wire
+format and ``PROTOCOL_VERSION`` are unchanged) under the all-zero context id
+:data:`DRIVER_CONTEXT`, which no real context can have (a context id is a
+SHA-256 output), and never reach a protocol machine:
+
+- **hello**: on start, after every (re)connection and every ``hello_interval``
+  seconds, the node sends ``REFUSED(reason=NOT_READY, fields=("hello",))``. The
+  researcher's ROUTER can route to a node only after it has heard from it
+  (:mod:`mpc_runtime.transport`), and a node may start before the researcher.
+- **shape query**: ``ROUND_REQUEST(kind="task", name, args, streams=(query,))``
+  with round = a query number. The node runs the task (the result is kept for
+  the secure round that follows, so the task runs once) and answers
+  ``REFUSED(reason=NOT_READY, fields=("shape", "d<dim>", ...))``, or a refusal
+  with reason ``POLICY``/``INPUT`` if it will not or cannot. The shape of a task's
+  output is treated as public: the sum reveals it anyway.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from mpc_runtime.errors import ConfigError, PolicyRefused
+from mpc_runtime.messages import (
+    Message,
+    RefusalReason,
+    Refused,
+    RoundRequest,
+    SetupRequest,
+    canonical_args,
+)
+from mpc_runtime.protocol.node import Node
+from mpc_runtime.transport import NodeEndpoint, TransportOptions
+
+from . import files
+from .config import NodeConfig
+from .store import FileNodeStore
+
+__all__ = ["NodeDaemon", "DRIVER_CONTEXT", "resolve_task", "shape_fields"]
+
+logger = logging.getLogger(__name__)
+
+#: The context id of driver messages (hello, shape query); never a real context.
+DRIVER_CONTEXT: Final = bytes(32)
+
+#: How long a task result computed for a shape query waits for its round.
+_CACHE_SECONDS: Final = 600.0
+_CACHE_SIZE: Final = 8
+
+
+def shape_fields(shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The ``fields`` of a shape answer: ``("shape", "d<dim>", ...)``."""
+    return ("shape", *(f"d{d}" for d in shape))
+
+
+def resolve_task(reference: str) -> Any:
+    """Import ``"module:function"`` and return the function.
+
+    Raises
+    ------
+    ConfigError
+        The reference is malformed, the module cannot be imported, or the
+        attribute is missing or not callable.
+    """
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"expected a task as 'module:function', got {reference!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        # The module is the operator's code: any import failure is a config error.
+        raise ConfigError(
+            f"cannot import task module {module_name!r}: {type(e).__name__}"
+        ) from None
+    func: Any = module
+    for part in attr.split("."):
+        func = getattr(func, part, None)
+        if func is None:
+            break
+    if func is None or not callable(func):
+        raise ConfigError(f"{reference!r}: no callable {attr!r} in {module_name!r}")
+    return func
+
+
+class NodeDaemon:
+    """A node's long-running process: answers setup, rounds and shape queries.
+
+    Parameters
+    ----------
+    directory
+        The node directory ``N`` (``node.toml``, keys, roster, state).
+    logger
+        A logger to use instead of this module's.
+    options
+        :class:`~mpc_runtime.transport.TransportOptions` of the endpoint.
+    round_timeout
+        Seconds after which the machine erases an unfinished round's secrets.
+    hello_interval
+        Seconds between two hellos while nothing else is sent.
+
+    Raises
+    ------
+    ConfigError
+        Missing or invalid files, or the directory is in use by another daemon.
+
+    Notes
+    -----
+    ``policy = "refuse"`` refuses every setup (the researcher's ``setup()`` raises
+    :class:`~mpc_runtime.errors.PolicyRefused` naming this node) and every shape
+    query; ``"allow"`` and ``"require"`` take part in secure sums (they differ for
+    cleartext training only). ``min_survivors`` and ``max_colluding_nodes`` go
+    to the machine. Tasks resolve with the node directory first on ``sys.path``.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        logger: logging.Logger | None = None,
+        options: TransportOptions | None = None,
+        round_timeout: float = 600.0,
+        hello_interval: float = 10.0,
+    ) -> None:
+        self.directory = Path(directory).resolve()
+        self.log = logger or globals()["logger"]
+        self.config = NodeConfig.from_toml(self.directory / files.NODE_TOML)
+        self.identity = files.load_node_identity(self.directory)
+        if self.identity.id != self.config.id:
+            raise ConfigError(
+                f"{self.directory}: node.toml id {self.config.id!r} differs from "
+                f"node.key id {self.identity.id!r}"
+            )
+        self.researcher_key = files.load_pinned_researcher(self.directory)
+        roster: dict[str, bytes] | None = None
+        if self.config.peer_trust == "roster":
+            roster = files.load_roster(self.directory)
+        self._options = options
+        self._hello_interval = hello_interval
+        self._cache: dict[tuple[str, bytes], tuple[float, np.ndarray]] = {}
+        # DESIGN §1: the node directory comes first on the import path for tasks.
+        if str(self.directory) not in sys.path:
+            sys.path.insert(0, str(self.directory))
+        self.store = FileNodeStore(self.directory)
+        try:
+            self.node = Node(
+                self.identity.id,
+                self.identity.signing_key,
+                store=self.store,
+                inputs=self._inputs,
+                roster=roster,
+                peer_trust=self.config.peer_trust,  # type: ignore[arg-type]
+                min_survivors=self.config.min_survivors,
+                max_colluding_nodes=self.config.max_colluding_nodes,
+                warn_clipping=True,
+                round_timeout=round_timeout,
+                logger=self.log.getChild("protocol"),
+            )
+        except BaseException:
+            self.store.close()
+            raise
+
+    @property
+    def id(self) -> str:
+        """This node's id."""
+        return self.identity.id
+
+    # ------------------------------------------------------------------ tasks
+
+    def _run_task(self, name: str, args: Mapping[str, Any]) -> np.ndarray:
+        """Run task ``name``; refuse (``PolicyRefused``/``TypeError``) on bad output."""
+        if self.config.policy == "refuse":
+            raise PolicyRefused("this node's policy refuses secure aggregation")
+        reference = self.config.tasks.get(name)
+        if reference is None:
+            raise PolicyRefused(f"task {name!r} is not offered by this node")
+        func = resolve_task(reference)
+        result = func(dict(args))
+        if not isinstance(result, np.ndarray) or result.dtype.kind != "f":
+            raise TypeError(
+                f"task {name!r} must return a float ndarray, got "
+                f"{type(result).__name__}"
+                + (f" of {result.dtype}" if isinstance(result, np.ndarray) else "")
+            )
+        if result.dtype.type not in (np.float32, np.float64):
+            return result.astype(np.float64)
+        out: np.ndarray = result
+        return out
+
+    def _cached_or_run(self, name: str, args: Mapping[str, Any]) -> np.ndarray:
+        key = (name, canonical_args(args))
+        hit = self._cache.pop(key, None)
+        if hit is not None and time.monotonic() - hit[0] < _CACHE_SECONDS:
+            return hit[1]
+        return self._run_task(name, args)
+
+    def _inputs(self, request: RoundRequest) -> dict[str, np.ndarray]:
+        if request.kind != "task":
+            raise PolicyRefused("training plans are not served by this daemon yet")
+        if len(request.streams) != 1:
+            raise PolicyRefused("a task round has exactly one stream")
+        x = self._cached_or_run(request.name, request.args)
+        return {request.streams[0].name: x}
+
+    # ---------------------------------------------------------------- driver
+
+    def _hello(self, endpoint: NodeEndpoint) -> None:
+        endpoint.send(
+            Refused(
+                context_id=DRIVER_CONTEXT,
+                round=0,
+                sender=self.id,
+                reason=RefusalReason.NOT_READY,
+                fields=("hello",),
+            )
+        )
+
+    def _answer_query(self, msg: RoundRequest) -> Message:
+        reason = RefusalReason.NOT_READY
+        fields: tuple[str, ...]
+        try:
+            if msg.kind != "task":
+                raise PolicyRefused("training plans are not served yet")
+            x = self._run_task(msg.name, msg.args)
+            now = time.monotonic()
+            key = (msg.name, canonical_args(msg.args))
+            self._cache.pop(key, None)
+            while len(self._cache) >= _CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = (now, x)
+            fields = shape_fields(tuple(x.shape))
+            self.log.info("shape query task=%s answered ndim=%d", msg.name, x.ndim)
+        except PolicyRefused as e:
+            reason, fields = RefusalReason.POLICY, ("task",)
+            self.log.warning("shape query task=%s refused: %s", msg.name, e)
+        except Exception as e:
+            # The task is the operator's code: whatever it raises becomes a refusal,
+            # and only the exception's type is logged (its text may hold data).
+            reason, fields = RefusalReason.INPUT, ("task",)
+            self.log.error("shape query task=%s failed: %s", msg.name, type(e).__name__)
+        return Refused(
+            context_id=DRIVER_CONTEXT,
+            round=msg.round,
+            sender=self.id,
+            reason=reason,
+            fields=fields,
+        )
+
+    def handle(self, msg: Message, now: float) -> list[Message]:
+        """Process one message from the researcher; return the replies."""
+        if msg.context_id == DRIVER_CONTEXT:
+            if isinstance(msg, RoundRequest):
+                return [self._answer_query(msg)]
+            self.log.debug("ignored driver message type=%s", msg.TYPE.name)
+            return []
+        if isinstance(msg, SetupRequest) and self.config.policy == "refuse":
+            self.log.warning(
+                "context=%s setup refused: policy is 'refuse'", msg.context_id[:4].hex()
+            )
+            return [
+                Refused(
+                    context_id=msg.context_id,
+                    round=msg.round,
+                    sender=self.id,
+                    reason=RefusalReason.POLICY,
+                    fields=("policy",),
+                )
+            ]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = self.node.handle(msg, now)
+        for w in caught:
+            # ClippingWarning carries counts and max |x| only (DESIGN §4).
+            self.log.warning("%s: %s", w.category.__name__, w.message)
+        return [o.message for o in out]
+
+    # ------------------------------------------------------------------- loop
+
+    def run(self, stop: threading.Event, *, poll: float = 0.1) -> None:
+        """Serve until ``stop`` is set; then close the endpoint and the store."""
+        try:
+            with NodeEndpoint(
+                self.config.researcher,
+                self.id,
+                self.identity.curve_public,
+                self.identity.curve_secret,
+                self.researcher_key.curve_public,
+                options=self._options,
+                logger=self.log.getChild("transport"),
+            ) as endpoint:
+                self.log.info(
+                    "node=%s started researcher=%s policy=%s",
+                    self.id,
+                    self.config.researcher,
+                    self.config.policy,
+                )
+                self._hello(endpoint)
+                last_hello = time.monotonic()
+                handshakes = endpoint.events["handshake_succeeded"]
+                while not stop.is_set():
+                    msg = endpoint.recv(poll)
+                    now = time.monotonic()
+                    if msg is not None:
+                        for reply in self.handle(msg, now):
+                            if not endpoint.send(reply):
+                                self.log.warning(
+                                    "reply type=%s round=%d not sent (queue full)",
+                                    reply.TYPE.name,
+                                    reply.round,
+                                )
+                    self.node.tick(now)
+                    seen = endpoint.events["handshake_succeeded"]
+                    if seen != handshakes or now - last_hello >= self._hello_interval:
+                        handshakes = seen
+                        self._hello(endpoint)
+                        last_hello = now
+        finally:
+            self.store.close()
+            self.log.info("node=%s stopped", self.id)

@@ -1,0 +1,683 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SecureAggregation: the researcher's side of setup and secure sums (DESIGN §1).
+
+It owns a :class:`mpc_runtime.transport.ResearcherEndpoint` and drives one
+:class:`mpc_runtime.protocol.server.Server` per context, with the monotonic clock.
+
+Shape discovery
+---------------
+The researcher does not know a task's output shape in advance. Before each
+secure round, :meth:`SecureAggregation.secure_sum` sends every node a *shape
+query* (a driver message, see :mod:`secagg.node`): each node runs the task,
+keeps the result for the round that follows, and answers with its shape only.
+All answering nodes must agree, else :class:`~mpc_runtime.errors.ShapeMismatch`
+names the nodes outside the largest group (all of them on a tie). A node that
+does not answer within ``timeout``, or refuses the query, is left out of the
+round as a dropout. The round then requests exactly that shape; a node whose
+output changed in between refuses the round (``ShapeMismatch`` naming it).
+
+What survives a researcher restart
+----------------------------------
+Each context's metadata is written atomically to
+``home/contexts/<digest>.json`` (job_id, researcher id, nodes, context_id, setup
+nonce, threshold, ring_bits, clipping_range, the transcript T, the nodes'
+identity keys — all public values — and the last round number). The round
+number is written *before* each round request is sent, so a restarted
+researcher never reuses one. After a restart, ``setup()`` with the same job,
+parties and parameters resumes that context without contacting the nodes (they
+keep their own context records on disk), and ``secure_sum`` continues with the
+next round number. A round in flight at the crash is lost (its secrets live on
+the nodes, which erase them); ``setup(force=True)`` always builds a new context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from mpc_runtime.errors import (
+    ClippingWarning,
+    ConfigError,
+    PhaseTimeout,
+    ShapeMismatch,
+    ThresholdError,
+)
+from mpc_runtime.messages import (
+    Message,
+    RefusalReason,
+    Refused,
+    RoundRequest,
+    StreamSpec,
+    check_id,
+    check_name,
+)
+from mpc_runtime.protocol.node import Outgoing
+from mpc_runtime.protocol.round import ClipTotals, RoundResult
+from mpc_runtime.protocol.server import Server, ServerStage
+from mpc_runtime.protocol.setup import threshold_floor
+from mpc_runtime.transport import ResearcherEndpoint, TransportOptions
+
+from . import files
+from .node import DRIVER_CONTEXT
+
+__all__ = ["SecureAggregation", "SumResult"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT: Final = "tcp://0.0.0.0:5555"
+DEFAULT_HOME: Final = "~/.secagg/researcher"
+CONTEXTS_DIR: Final = "contexts"
+#: The one stream of a task round.
+STREAM: Final = "value"
+_POLL: Final = 0.02
+_FORMAT: Final = 1
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SumResult:
+    """The outcome of one :meth:`SecureAggregation.secure_sum`.
+
+    Attributes
+    ----------
+    sum, mean
+        float64 arrays of the task's shape; ``mean = sum / len(contributors)``.
+    contributors, dropped
+        Sorted tuples of node ids: whose inputs are in the sum, and the others.
+    clipping
+        Totals over the contributors: ``clipped`` count, ``histogram`` of |x|/c
+        over (1, 2], (2, 4], (4, 8], > 8, and ``saturated`` (a total reached
+        its cap and is a lower bound).
+    round
+        The round number in the context.
+    """
+
+    sum: np.ndarray
+    mean: np.ndarray
+    contributors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    clipping: ClipTotals
+    round: int = 0
+
+
+def _context_key(job_id: str, nodes: Sequence[str]) -> str:
+    h = hashlib.sha256(json.dumps([job_id, list(nodes)]).encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
+def _utf8_sorted(ids: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(ids), key=lambda v: v.encode("utf-8")))
+
+
+def _suggest_range(c: float, histogram: tuple[int, int, int, int]) -> float:
+    # The upper edge of the highest non-empty |x|/c bin; > 8 gets 16 (a lower bound).
+    for count, edge in zip(reversed(histogram), (16.0, 8.0, 4.0, 2.0)):
+        if count:
+            return c * edge
+    return c
+
+
+class SecureAggregation:
+    """The researcher's secure-aggregation context manager (DESIGN §1).
+
+    Parameters
+    ----------
+    timeout
+        Deadline of each protocol phase, in seconds (default 30).
+    clipping_range
+        c: node inputs are clipped to [-c, c] (default 3.0).
+    endpoint
+        Where to bind (default ``tcp://0.0.0.0:5555``); port ``0`` or ``*`` picks a
+        free port, and :attr:`endpoint` tells the bound address.
+    home
+        The researcher directory (default ``~/.secagg/researcher``): keys from
+        ``secagg researcher init``, enrolled nodes in ``home/nodes/``, context
+        metadata in ``home/contexts/``.
+    ring_bits, threshold, max_colluding_nodes
+        Context parameters (DESIGN §3/§4); ``threshold`` defaults to
+        ``⌊(n + κ)/2⌋ + 1``.
+    logger, options
+        A logger, and :class:`~mpc_runtime.transport.TransportOptions`.
+
+    Raises
+    ------
+    ConfigError
+        Bad parameters or key files.
+
+    Notes
+    -----
+    The socket is bound on first use (``with``, :attr:`endpoint`, ``setup``)
+    and released by :meth:`close` or on leaving the ``with`` block.
+    See the module docstring for shape discovery and restarts.
+    """
+
+    def __init__(
+        self,
+        timeout: float = 30,
+        clipping_range: float = 3.0,
+        *,
+        endpoint: str | None = None,
+        home: str | Path | None = None,
+        ring_bits: int = 32,
+        threshold: int | None = None,
+        max_colluding_nodes: int = 0,
+        logger: logging.Logger | None = None,
+        options: TransportOptions | None = None,
+    ) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ConfigError(f"expected timeout in seconds, got {timeout!r}")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"expected a timeout > 0, got {timeout!r}")
+        if isinstance(clipping_range, bool) or not isinstance(
+            clipping_range, (int, float)
+        ):
+            raise ConfigError(
+                f"expected a float clipping_range, got {clipping_range!r}"
+            )
+        if not (math.isfinite(clipping_range) and clipping_range > 0):
+            raise ConfigError(
+                f"expected a finite clipping_range > 0, got {clipping_range!r}"
+            )
+        if ring_bits not in (32, 64) or isinstance(ring_bits, bool):
+            raise ConfigError(f"expected ring_bits 32 or 64, got {ring_bits!r}")
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, int)
+        ):
+            raise ConfigError(f"expected an int threshold or None, got {threshold!r}")
+        if (
+            isinstance(max_colluding_nodes, bool)
+            or not isinstance(max_colluding_nodes, int)
+            or max_colluding_nodes < 0
+        ):
+            raise ConfigError(
+                f"expected max_colluding_nodes >= 0, got {max_colluding_nodes!r}"
+            )
+        self.timeout = float(timeout)
+        self.clipping_range = float(clipping_range)
+        self.ring_bits = ring_bits
+        self.threshold = threshold
+        self.max_colluding_nodes = max_colluding_nodes
+        self.home = Path(home if home is not None else DEFAULT_HOME).expanduser()
+        self._requested_endpoint = endpoint or DEFAULT_ENDPOINT
+        self.log = logger or globals()["logger"]
+        self._options = options
+        self._keys = files.load_researcher_keys(self.home)
+        #: This researcher's id (from ``researcher.key``; default "researcher").
+        self.researcher_id: str = self._keys.id
+        self._endpoint: ResearcherEndpoint | None = None
+        self._servers: dict[str, Server] = {}
+        self._current: str | None = None
+        self._query = secrets.randbelow(1 << 40) + 1
+        self._closed = False
+
+    # ------------------------------------------------------------- lifecycle
+
+    def _open(self) -> ResearcherEndpoint:
+        if self._closed:
+            raise ConfigError("this SecureAggregation is closed")
+        if self._endpoint is None:
+            address = self._requested_endpoint
+            head, sep, port = address.rpartition(":")
+            if sep and port == "0":
+                address = f"{head}:*"
+            self._endpoint = ResearcherEndpoint(
+                address,
+                self._keys.curve_public,
+                self._keys.curve_secret,
+                enrolled=files.load_enrolled(self.home),
+                options=self._options,
+                logger=self.log.getChild("transport"),
+            )
+        return self._endpoint
+
+    @property
+    def endpoint(self) -> str:
+        """The bound address, e.g. ``tcp://127.0.0.1:40123`` (binds if needed)."""
+        return self._open().endpoint
+
+    def close(self) -> None:
+        """Release the socket. Idempotent; context metadata stays on disk."""
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None
+        self._closed = True
+
+    def __enter__(self) -> SecureAggregation:
+        self._open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- driver
+
+    def _is_driver(self, msg: Message) -> bool:
+        return msg.context_id == DRIVER_CONTEXT
+
+    def _pump(
+        self,
+        done: Callable[[], bool],
+        *,
+        server: Server | None,
+        outbox: list[Outgoing],
+        on_driver: Callable[[str, Message], None] | None = None,
+        limit: float,
+    ) -> None:
+        """Send, receive and tick until ``done()`` or ``limit`` seconds pass.
+
+        A message to a node that is not routable yet (it has not said hello) stays
+        in ``outbox`` and is retried; whatever is left at the end is dropped.
+        """
+        ep = self._open()
+        end = time.monotonic() + limit
+        while True:
+            if outbox:
+                left = []
+                for item in outbox:
+                    if not ep.is_routable(item.to) or not ep.send(
+                        item.to, item.message
+                    ):
+                        left.append(item)
+                outbox[:] = left
+            if done() or time.monotonic() >= end:
+                return
+            got = ep.recv(_POLL)
+            now = time.monotonic()
+            if got is not None:
+                sender, msg = got
+                if self._is_driver(msg):
+                    if on_driver is not None:
+                        on_driver(sender, msg)
+                elif server is not None:
+                    outbox.extend(server.handle(msg, now))
+            if server is not None:
+                outbox.extend(server.tick(now))
+
+    def _refresh_enrolled(self) -> None:
+        ep = self._open()
+        for node, key in files.load_enrolled(self.home).items():
+            ep.enroll(node, key)
+
+    # ----------------------------------------------------------------- setup
+
+    def _nodes_of(self, parties: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(parties, str) or not isinstance(parties, Iterable):
+            raise ConfigError(f"expected parties as a list of ids, got {parties!r}")
+        ids = list(parties)
+        for v in ids:
+            try:
+                check_id(v, "party id")
+            except (TypeError, ValueError) as e:
+                raise ConfigError(str(e)) from None
+        nodes = [v for v in ids if v != self.researcher_id]
+        if len(set(nodes)) != len(nodes):
+            raise ConfigError("expected distinct party ids")
+        if len(nodes) < 2:
+            raise ConfigError(f"expected at least 2 nodes, got {len(nodes)}")
+        return _utf8_sorted(nodes)
+
+    def _meta_path(self, key: str) -> Path:
+        return self.home / CONTEXTS_DIR / f"{key}.json"
+
+    def _save(self, key: str, server: Server) -> None:
+        doc = {
+            "format": _FORMAT,
+            "job_id": server.job_id,
+            "researcher_id": server.researcher_id,
+            "nodes": list(server.nodes),
+            "context_id": server.context_id.hex(),
+            "nonce": server.nonce.hex(),
+            "threshold": server.threshold,
+            "max_colluding_nodes": self.max_colluding_nodes,
+            "ring_bits": server.ring_bits,
+            "clipping_range": server.clipping_range,
+            "transcript": server.transcript.hex(),
+            "identity_keys": {v: k.hex() for v, k in server.identity_keys.items()},
+            "last_round": server.last_round,
+        }
+        files.ensure_dir(self.home / CONTEXTS_DIR)
+        data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+        files.atomic_write(self._meta_path(key), data)
+
+    def _resume(self, key: str, job_id: str, nodes: tuple[str, ...]) -> Server | None:
+        path = self._meta_path(key)
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text("utf-8"))
+            t = self.threshold or threshold_floor(len(nodes), self.max_colluding_nodes)
+            if (
+                doc["format"] != _FORMAT
+                or doc["job_id"] != job_id
+                or tuple(doc["nodes"]) != nodes
+                or doc["researcher_id"] != self.researcher_id
+                or doc["ring_bits"] != self.ring_bits
+                or doc["clipping_range"] != self.clipping_range
+                or doc["threshold"] != t
+                or doc["max_colluding_nodes"] != self.max_colluding_nodes
+            ):
+                return None
+            server = self._new_server(job_id, nodes, nonce=bytes.fromhex(doc["nonce"]))
+            if server.context_id.hex() != doc["context_id"]:
+                return None
+            # The machine has no restore API: its public state after setup is the
+            # transcript, the identity keys and the round counter.
+            server.transcript = bytes.fromhex(doc["transcript"])
+            server.identity_keys = {
+                v: bytes.fromhex(k) for v, k in doc["identity_keys"].items()
+            }
+            server.last_round = int(doc["last_round"])
+            server.stage = ServerStage.READY
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log.warning("ignoring unreadable context file %s: %s", path, e)
+            return None
+        self.log.info(
+            "context=%s resumed from %s (last round %d)",
+            server.context_id[:4].hex(),
+            path,
+            server.last_round,
+        )
+        return server
+
+    def _new_server(
+        self, job_id: str, nodes: tuple[str, ...], nonce: bytes | None = None
+    ) -> Server:
+        return Server(
+            researcher_id=self.researcher_id,
+            job_id=job_id,
+            nodes=nodes,
+            timeout=self.timeout,
+            ring_bits=self.ring_bits,
+            clipping_range=self.clipping_range,
+            threshold=self.threshold,
+            max_colluding_nodes=self.max_colluding_nodes,
+            nonce=nonce,
+            logger=self.log.getChild("server"),
+        )
+
+    def setup(self, parties: Sequence[str], job_id: str, force: bool = False) -> None:
+        """Build (or reuse) the context of ``job_id`` over ``parties``.
+
+        Parameters
+        ----------
+        parties
+            Node ids; the researcher's own id may be included and is dropped.
+        job_id
+            The job; contexts are keyed by (job_id, parties).
+        force
+            Build a new context even if a valid one exists.
+
+        Raises
+        ------
+        ConfigError
+            Bad ids, fewer than 2 nodes, a bad threshold, or a closed object.
+        PhaseTimeout
+            A node stayed silent (``.nodes`` names it).
+        PolicyRefused
+            A node's policy refused (``.nodes`` names it).
+        ContextMismatch
+            Nodes disagree on the context.
+        """
+        try:
+            check_name(job_id, "job_id")
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        nodes = self._nodes_of(parties)
+        key = _context_key(job_id, nodes)
+        self._open()
+        if not force:
+            server = self._servers.get(key) or self._resume(key, job_id, nodes)
+            if server is not None and server.stage is ServerStage.READY:
+                self._servers[key] = server
+                self._current = key
+                self.log.info("setup job=%s: valid context reused", job_id)
+                return
+        self._refresh_enrolled()
+        missing = [v for v in nodes if v not in self._open().enrolled]
+        if missing:
+            raise ConfigError(
+                f"nodes not enrolled in {self.home / files.NODES_DIR}: "
+                f"{', '.join(missing)} (run 'secagg researcher enroll')"
+            )
+        server = self._new_server(job_id, nodes)
+        self._servers.pop(key, None)
+        if self._current == key:
+            self._current = None
+        # Nodes become routable once they have said hello (secagg.node); give
+        # them up to one phase deadline to connect before the setup clock starts.
+        ep = self._open()
+        self._pump(
+            lambda: all(ep.is_routable(v) for v in nodes),
+            server=None,
+            outbox=[],
+            limit=self.timeout,
+        )
+        started = time.monotonic()
+        outbox = list(server.start_setup(started))
+        self._pump(
+            lambda: server.stage in (ServerStage.READY, ServerStage.FAILED),
+            server=server,
+            outbox=outbox,
+            limit=3 * self.timeout + 5.0,
+        )
+        if server.stage is not ServerStage.READY:
+            if server.setup_error is not None:
+                raise server.setup_error
+            raise PhaseTimeout(
+                "setup did not finish", phase=server.stage.value, round=0
+            )
+        self._save(key, server)
+        self._servers[key] = server
+        self._current = key
+        self.log.info(
+            "setup job=%s complete n=%d t=%d in %.2fs",
+            job_id,
+            len(nodes),
+            server.threshold,
+            time.monotonic() - started,
+        )
+
+    # ------------------------------------------------------------ secure sum
+
+    def _discover_shape(
+        self, server: Server, task: str, args: Mapping[str, Any]
+    ) -> tuple[tuple[int, ...], set[str]]:
+        """Ask every node for its task's output shape; return it and the silent."""
+        self._query += 1
+        q = self._query
+        query = RoundRequest(
+            context_id=DRIVER_CONTEXT,
+            round=q,
+            sender=self.researcher_id,
+            kind="task",
+            name=task,
+            args=dict(args),
+            streams=(StreamSpec("query", (1,)),),
+        )
+        shapes: dict[str, tuple[int, ...]] = {}
+        refused: dict[str, RefusalReason] = {}
+
+        def on_driver(sender: str, msg: Message) -> None:
+            if not isinstance(msg, Refused) or msg.round != q:
+                return
+            if sender not in server.nodes or sender in shapes or sender in refused:
+                return
+            if msg.reason is RefusalReason.NOT_READY and msg.fields[:1] == ("shape",):
+                try:
+                    shapes[sender] = tuple(int(f[1:]) for f in msg.fields[1:])
+                except ValueError:
+                    refused[sender] = RefusalReason.MALFORMED
+            else:
+                refused[sender] = msg.reason
+
+        outbox = [Outgoing(v, query) for v in server.nodes]
+        self._pump(
+            lambda: len(shapes) + len(refused) == len(server.nodes),
+            server=None,
+            outbox=outbox,
+            on_driver=on_driver,
+            limit=self.timeout,
+        )
+        silent = {v for v in server.nodes if v not in shapes and v not in refused}
+        if len(shapes) < server.need:
+            if refused and not silent:
+                raise ThresholdError(
+                    f"{len(shapes)} node(s) can run task {task!r}, "
+                    f"{server.need} needed",
+                    phase="shape",
+                    round=server.last_round + 1,
+                    nodes=_utf8_sorted(refused),
+                )
+            raise PhaseTimeout(
+                f"shape query for task {task!r}: {len(shapes)} answer(s), "
+                f"{server.need} needed",
+                phase="shape",
+                round=server.last_round + 1,
+                nodes=_utf8_sorted(silent or refused),
+            )
+        counts = Counter(shapes.values())
+        (best, n_best), *rest = counts.most_common()
+        if rest:
+            tie = rest[0][1] == n_best
+            odd = [v for v, s in shapes.items() if tie or s != best]
+            raise ShapeMismatch(
+                f"nodes returned different shapes for task {task!r}",
+                phase="shape",
+                round=server.last_round + 1,
+                nodes=_utf8_sorted(odd),
+            )
+        for v, reason in refused.items():
+            self.log.warning("task=%s peer=%s refused (%s)", task, v, reason.name)
+        return best, silent | set(refused)
+
+    def secure_sum(self, task: str, args: Mapping[str, Any] | None = None) -> SumResult:
+        """Run one secure round of ``task`` on every node and return the sum.
+
+        Parameters
+        ----------
+        task
+            A task name from the nodes' ``[tasks]`` tables.
+        args
+            JSON-serializable arguments passed to the task (``{}`` when None).
+
+        Returns
+        -------
+        SumResult
+
+        Raises
+        ------
+        ConfigError
+            No ``setup()`` yet, or bad task or args.
+        ShapeMismatch
+            Nodes' outputs differ in shape (``.nodes`` names them).
+        PhaseTimeout, ThresholdError, RoundAborted
+            Fewer than the needed nodes took part, or a check failed.
+
+        Warns
+        -----
+        ClippingWarning
+            Inputs were clipped (totals and a suggested clipping range).
+        """
+        if self._current is None:
+            raise ConfigError("secure_sum before setup(): call setup() first")
+        server = self._servers[self._current]
+        args = {} if args is None else args
+        if not isinstance(args, Mapping):
+            raise ConfigError(f"expected args as a dict, got {type(args).__name__}")
+        try:
+            RoundRequest(
+                context_id=DRIVER_CONTEXT,
+                round=0,
+                sender=self.researcher_id,
+                kind="task",
+                name=task,
+                args=dict(args),
+                streams=(StreamSpec(STREAM, (1,)),),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"bad task or args: {e}") from None
+        started = time.monotonic()
+        shape, absent = self._discover_shape(server, task, args)
+        # The round number is spent (and saved) before the request leaves.
+        r, out = server.start_round(
+            kind="task",
+            name=task,
+            args=args,
+            streams=(StreamSpec(STREAM, shape),),
+            now=time.monotonic(),
+        )
+        self._save(self._current, server)
+        outbox = [o for o in out if o.to not in absent]
+        now = time.monotonic()
+        for v in _utf8_sorted(absent):
+            # NOT_READY is the drivers' refusal: a node that did not answer the
+            # shape query is a dropout of this round from the start.
+            outbox.extend(
+                server.handle(
+                    Refused(
+                        context_id=server.context_id,
+                        round=r,
+                        sender=v,
+                        reason=RefusalReason.NOT_READY,
+                    ),
+                    now,
+                )
+            )
+        self._pump(
+            lambda: server.is_finished(r),
+            server=server,
+            outbox=outbox,
+            limit=5 * self.timeout + 5.0,
+        )
+        if not server.is_finished(r):
+            raise PhaseTimeout(
+                "round did not finish", phase=server.stage.value, round=r
+            )
+        result: RoundResult = server.outcome(r)
+        clip = result.clipping[STREAM]
+        out_sum = np.asarray(result.sums[STREAM], dtype=np.float64)
+        res = SumResult(
+            sum=out_sum,
+            mean=np.asarray(result.means[STREAM], dtype=np.float64),
+            contributors=result.contributors,
+            dropped=result.dropped,
+            clipping=clip,
+            round=r,
+        )
+        self.log.info(
+            "round=%d task=%s complete contributors=%d dropped=%d in %.2fs",
+            r,
+            task,
+            len(res.contributors),
+            len(res.dropped),
+            time.monotonic() - started,
+        )
+        if res.dropped:
+            self.log.warning("round=%d dropped=%s", r, ",".join(res.dropped))
+        if clip.clipped:
+            self._warn_clipping(r, task, clip)
+        return res
+
+    def _warn_clipping(self, r: int, task: str, clip: ClipTotals) -> None:
+        bound = "at least " if clip.saturated else ""
+        suggested = _suggest_range(self.clipping_range, clip.histogram)
+        text = (
+            f"round {r} task {task!r}: {bound}{clip.clipped} value(s) clipped to "
+            f"[-{self.clipping_range:g}, {self.clipping_range:g}]; |x|/c histogram "
+            f"(1,2]={clip.histogram[0]} (2,4]={clip.histogram[1]} "
+            f"(4,8]={clip.histogram[2]} >8={clip.histogram[3]}; suggested "
+            f"clipping_range={bound}{suggested:g}"
+        )
+        self.log.warning("%s", text)
+        warnings.warn(text, ClippingWarning, stacklevel=3)
