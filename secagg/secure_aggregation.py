@@ -25,9 +25,13 @@ identity keys — all public values — and the last round number). The round
 number is written *before* each round request is sent, so a restarted
 researcher never reuses one. After a restart, ``setup()`` with the same job,
 parties and parameters resumes that context without contacting the nodes (they
-keep their own context records on disk), and ``secure_sum`` continues with the
-next round number. A round in flight at the crash is lost (its secrets live on
-the nodes, which erase them); ``setup(force=True)`` always builds a new context.
+keep their own context records on disk): the file is parsed as a
+:class:`~mpc_runtime.protocol.server.ServerRecord` and
+:meth:`~mpc_runtime.protocol.server.Server.restore` validates it and rebuilds a
+READY server (an invalid file is logged and ignored, and setup runs anew).
+``secure_sum`` continues with the next round number. A round in flight at the
+crash is lost (its secrets live on the nodes, which erase them);
+``setup(force=True)`` always builds a new context.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ from mpc_runtime.messages import (
 )
 from mpc_runtime.protocol.node import Outgoing
 from mpc_runtime.protocol.round import ClipTotals, RoundResult
-from mpc_runtime.protocol.server import Server, ServerStage
+from mpc_runtime.protocol.server import Server, ServerRecord, ServerStage
 from mpc_runtime.protocol.setup import threshold_floor
 from mpc_runtime.transport import ResearcherEndpoint, TransportOptions
 
@@ -331,21 +335,7 @@ class SecureAggregation:
         return self.home / CONTEXTS_DIR / f"{key}.json"
 
     def _save(self, key: str, server: Server) -> None:
-        doc = {
-            "format": _FORMAT,
-            "job_id": server.job_id,
-            "researcher_id": server.researcher_id,
-            "nodes": list(server.nodes),
-            "context_id": server.context_id.hex(),
-            "nonce": server.nonce.hex(),
-            "threshold": server.threshold,
-            "max_colluding_nodes": self.max_colluding_nodes,
-            "ring_bits": server.ring_bits,
-            "clipping_range": server.clipping_range,
-            "transcript": server.transcript.hex(),
-            "identity_keys": {v: k.hex() for v, k in server.identity_keys.items()},
-            "last_round": server.last_round,
-        }
+        doc = {"format": _FORMAT, **server.record().to_dict()}
         files.ensure_dir(self.home / CONTEXTS_DIR)
         data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
         files.atomic_write(self._meta_path(key), data)
@@ -356,31 +346,30 @@ class SecureAggregation:
             return None
         try:
             doc = json.loads(path.read_text("utf-8"))
-            t = self.threshold or threshold_floor(len(nodes), self.max_colluding_nodes)
-            if (
-                doc["format"] != _FORMAT
-                or doc["job_id"] != job_id
-                or tuple(doc["nodes"]) != nodes
-                or doc["researcher_id"] != self.researcher_id
-                or doc["ring_bits"] != self.ring_bits
-                or doc["clipping_range"] != self.clipping_range
-                or doc["threshold"] != t
-                or doc["max_colluding_nodes"] != self.max_colluding_nodes
-            ):
-                return None
-            server = self._new_server(job_id, nodes, nonce=bytes.fromhex(doc["nonce"]))
-            if server.context_id.hex() != doc["context_id"]:
-                return None
-            # The machine has no restore API: its public state after setup is the
-            # transcript, the identity keys and the round counter.
-            server.transcript = bytes.fromhex(doc["transcript"])
-            server.identity_keys = {
-                v: bytes.fromhex(k) for v, k in doc["identity_keys"].items()
-            }
-            server.last_round = int(doc["last_round"])
-            server.stage = ServerStage.READY
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+                raise ConfigError(f"expected format {_FORMAT}")
+            record = ServerRecord.from_dict(doc)
+        except (OSError, ValueError) as e:  # ConfigError is a ValueError.
             self.log.warning("ignoring unreadable context file %s: %s", path, e)
+            return None
+        t = self.threshold or threshold_floor(len(nodes), self.max_colluding_nodes)
+        if (
+            record.job_id != job_id
+            or record.nodes != nodes
+            or record.researcher_id != self.researcher_id
+            or record.ring_bits != self.ring_bits
+            or record.clipping_range != self.clipping_range
+            or record.threshold != t
+            or record.max_colluding_nodes != self.max_colluding_nodes
+        ):
+            # Other parameters: a new context is needed (setup() builds one).
+            return None
+        try:
+            server = Server.restore(
+                record, timeout=self.timeout, logger=self.log.getChild("server")
+            )
+        except ConfigError as e:
+            self.log.warning("ignoring invalid context file %s: %s", path, e)
             return None
         self.log.info(
             "context=%s resumed from %s (last round %d)",
@@ -390,9 +379,7 @@ class SecureAggregation:
         )
         return server
 
-    def _new_server(
-        self, job_id: str, nodes: tuple[str, ...], nonce: bytes | None = None
-    ) -> Server:
+    def _new_server(self, job_id: str, nodes: tuple[str, ...]) -> Server:
         return Server(
             researcher_id=self.researcher_id,
             job_id=job_id,
@@ -402,7 +389,6 @@ class SecureAggregation:
             clipping_range=self.clipping_range,
             threshold=self.threshold,
             max_colluding_nodes=self.max_colluding_nodes,
-            nonce=nonce,
             logger=self.log.getChild("server"),
         )
 

@@ -3,7 +3,7 @@
 
 from .node import TRANSITIONS, ContextRecord, InputProvider, Node, NodeStage, Outgoing
 from .round import ClipTotals, RoundResult, request_digest, weights_hash
-from .server import SERVER_TRANSITIONS, Server, ServerStage
+from .server import SERVER_TRANSITIONS, Server, ServerRecord, ServerStage
 from .setup import (
     check_threshold,
     compute_context_id,
@@ -25,6 +25,7 @@ __all__ = [
     "Outgoing",
     "RoundResult",
     "Server",
+    "ServerRecord",
     "ServerStage",
     "StepAlreadyCommitted",
     "check_threshold",

@@ -56,6 +56,7 @@ from ..messages import (
     UnmaskRequest,
     UnmaskShares,
     check_id,
+    check_name,
 )
 from .node import Outgoing
 from .round import ClipTotals, RoundResult, clip_cap, request_digest
@@ -67,7 +68,7 @@ from .setup import (
     utf8_sorted,
 )
 
-__all__ = ["ServerStage", "Server", "SERVER_TRANSITIONS"]
+__all__ = ["ServerStage", "Server", "ServerRecord", "SERVER_TRANSITIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,195 @@ SERVER_TRANSITIONS: Mapping[ServerStage, Mapping[MsgType, ServerStage]] = {
 }
 
 
+#: The stages in which a context's setup has completed (a round may be running).
+_SET_UP: frozenset[ServerStage] = frozenset(
+    {
+        ServerStage.READY,
+        ServerStage.KEYS,
+        ServerStage.UPLOAD,
+        ServerStage.SURVIVORS,
+        ServerStage.UNMASK,
+    }
+)
+#: Largest round counter a message may carry (8-byte field, DESIGN §3).
+_MAX_ROUND = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRecord:
+    """The public record of a set-up context: what a researcher keeps to resume it.
+
+    Every field is public (the context parameters, the setup nonce, the transcript
+    T, the nodes' Ed25519 identity keys and the round counter); the secrets stay on
+    the nodes. :meth:`Server.record` makes one, :meth:`Server.restore` rebuilds a
+    READY server from one, and :meth:`to_dict` / :meth:`from_dict` give its JSON
+    form (byte strings as lowercase hex).
+
+    Attributes
+    ----------
+    researcher_id, job_id, nodes
+        Who runs the context and for which job; ``nodes`` sorted by UTF-8 bytes.
+    ring_bits, clipping_range, threshold, max_colluding_nodes
+        The context parameters (DESIGN §3/§4).
+    nonce, context_id
+        The 32-byte setup nonce and the context id computed from all of the above.
+    transcript
+        T, the 32-byte setup transcript every node signed.
+    identity_keys
+        ``{node: Ed25519 public key}`` for exactly the context's nodes.
+    last_round
+        The last round number spent (0: none yet); the next round is one more.
+    """
+
+    researcher_id: str
+    job_id: str
+    nodes: tuple[str, ...]
+    ring_bits: int
+    clipping_range: float
+    threshold: int
+    max_colluding_nodes: int
+    nonce: bytes
+    context_id: bytes
+    transcript: bytes
+    identity_keys: Mapping[str, bytes]
+    last_round: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready values (lists, numbers, hex strings)."""
+        return {
+            "researcher_id": self.researcher_id,
+            "job_id": self.job_id,
+            "nodes": list(self.nodes),
+            "ring_bits": self.ring_bits,
+            "clipping_range": self.clipping_range,
+            "threshold": self.threshold,
+            "max_colluding_nodes": self.max_colluding_nodes,
+            "nonce": self.nonce.hex(),
+            "context_id": self.context_id.hex(),
+            "transcript": self.transcript.hex(),
+            "identity_keys": {v: k.hex() for v, k in self.identity_keys.items()},
+            "last_round": self.last_round,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> ServerRecord:
+        """Parse :meth:`to_dict`'s output; unknown keys are ignored.
+
+        Only the JSON shape is checked here; :meth:`Server.restore` checks the
+        values against each other.
+
+        Raises
+        ------
+        ConfigError
+            A missing key, a value of the wrong type, or bad hex.
+        """
+        try:
+            nodes = doc["nodes"]
+            keys_ = doc["identity_keys"]
+            if not isinstance(nodes, list) or not isinstance(keys_, dict):
+                raise TypeError("nodes must be a list and identity_keys an object")
+            return cls(
+                researcher_id=_json_str(doc["researcher_id"]),
+                job_id=_json_str(doc["job_id"]),
+                nodes=tuple(_json_str(v) for v in nodes),
+                ring_bits=_json_int(doc["ring_bits"]),
+                clipping_range=_json_float(doc["clipping_range"]),
+                threshold=_json_int(doc["threshold"]),
+                max_colluding_nodes=_json_int(doc["max_colluding_nodes"]),
+                nonce=bytes.fromhex(_json_str(doc["nonce"])),
+                context_id=bytes.fromhex(_json_str(doc["context_id"])),
+                transcript=bytes.fromhex(_json_str(doc["transcript"])),
+                identity_keys={
+                    _json_str(v): bytes.fromhex(_json_str(k)) for v, k in keys_.items()
+                },
+                last_round=_json_int(doc["last_round"]),
+            )
+        except KeyError as e:
+            raise ConfigError(f"context record: missing {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"context record: {e}") from None
+
+
+def _json_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _json_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _json_float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_record(record: ServerRecord) -> None:
+    """Check the record's fields on their own (:meth:`Server.restore` does the rest).
+
+    Raises
+    ------
+    ConfigError
+        A field of the wrong type or size, ids out of order or repeated, identity
+        keys not for exactly the nodes, or a round counter out of range.
+    """
+    if not isinstance(record, ServerRecord):
+        raise ConfigError(f"expected a ServerRecord, got {type(record).__name__}")
+    try:
+        check_id(record.researcher_id, "researcher_id")
+        check_name(record.job_id, "job_id")
+        if not isinstance(record.nodes, tuple):
+            raise TypeError("expected nodes as a tuple")
+        for v in record.nodes:
+            check_id(v, "node id")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"context record: {e}") from None
+    if record.nodes != utf8_sorted(set(record.nodes)):
+        raise ConfigError(
+            "context record: expected distinct node ids sorted by UTF-8 bytes"
+        )
+    for name in ("ring_bits", "threshold", "max_colluding_nodes", "last_round"):
+        value = getattr(record, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"context record: expected an int {name}, got {value!r}")
+    if not 0 <= record.last_round < _MAX_ROUND:
+        raise ConfigError(
+            f"context record: expected 0 <= last_round < 2^63 - 1, "
+            f"got {record.last_round}"
+        )
+    if isinstance(record.clipping_range, bool) or not isinstance(
+        record.clipping_range, (int, float)
+    ):
+        raise ConfigError(
+            f"context record: expected a float clipping_range, "
+            f"got {record.clipping_range!r}"
+        )
+    for name, size in (
+        ("nonce", 32),
+        ("context_id", keys.DIGEST_SIZE),
+        ("transcript", keys.DIGEST_SIZE),
+    ):
+        value = getattr(record, name)
+        if not isinstance(value, bytes) or len(value) != size:
+            raise ConfigError(f"context record: expected {name} of {size} bytes")
+    ids = record.identity_keys
+    if not isinstance(ids, Mapping) or set(ids) != set(record.nodes):
+        raise ConfigError(
+            "context record: expected identity keys for exactly the context's nodes"
+        )
+    values = list(ids.values())
+    if any(not isinstance(k, bytes) or len(k) != keys.PUBLIC_KEY_SIZE for k in values):
+        raise ConfigError(
+            f"context record: expected identity keys of {keys.PUBLIC_KEY_SIZE} bytes"
+        )
+    if len(set(values)) != len(values):
+        raise ConfigError("context record: two nodes share an identity key")
+
+
 @dataclass(slots=True)
 class _Round:
     round: int
@@ -176,6 +366,11 @@ class Server:
     Results: :meth:`outcome` returns a round's :class:`RoundResult` or raises its
     error (:class:`~mpc_runtime.errors.RoundAborted` and subclasses naming phase,
     round and nodes, or :class:`~mpc_runtime.errors.ShapeMismatch`).
+
+    Restarts: :meth:`record` gives a set-up context's public
+    :class:`ServerRecord`, and :meth:`restore` rebuilds a READY server from it
+    (rather than setting ``transcript``, ``identity_keys`` or ``last_round`` by
+    hand).
     """
 
     def __init__(
@@ -226,6 +421,7 @@ class Server:
         self.bits = masking.bits_for(n, ring_bits)
         self.clipping_range = float(clipping_range)
         self.threshold = t
+        self.max_colluding_nodes = max_colluding_nodes
         self.min_survivors = max(2, min_survivors)
         self.timeout = timeout
         self.nonce = nonce if nonce is not None else os.urandom(32)
@@ -257,6 +453,114 @@ class Server:
         self.misbehaving: dict[int, set[str]] = {}
 
     # ----------------------------------------------------------------- public
+
+    @classmethod
+    def restore(
+        cls,
+        record: ServerRecord,
+        *,
+        timeout: float,
+        min_survivors: int = 2,
+        logger: logging.Logger | None = None,
+    ) -> Server:
+        """Rebuild a READY server for an existing context from its public record.
+
+        This is how a restarted researcher resumes a context without a new setup:
+        the nodes keep their own context records, so the server only needs the
+        public values of :class:`ServerRecord` (from :meth:`record`). The next
+        round is ``record.last_round + 1``; a round that was in flight when the
+        record was made is not resumed.
+
+        Parameters
+        ----------
+        record
+            The context's public record.
+        timeout, min_survivors, logger
+            As for the constructor (the server's own settings, not the context's).
+
+        Returns
+        -------
+        Server
+            In stage :attr:`ServerStage.READY`, with the record's transcript,
+            identity keys (also used as the enrolled keys) and round counter.
+
+        Raises
+        ------
+        ConfigError
+            The record is invalid: a field of the wrong type or size (nonce,
+            context id, transcript, identity keys), ids that are malformed,
+            repeated or out of order, identity keys not for exactly the nodes or
+            shared by two nodes, a round counter out of range, parameters the
+            constructor refuses, or a ``context_id`` that does not follow from
+            the record's parameters and nonce.
+
+        Notes
+        -----
+        The transcript cannot be recomputed from the record (it hashes the
+        nodes' share keys and signatures, which the record does not keep); a
+        wrong one shows up as nodes refusing the next round.
+        """
+        _check_record(record)
+        server = cls(
+            researcher_id=record.researcher_id,
+            job_id=record.job_id,
+            nodes=record.nodes,
+            timeout=timeout,
+            ring_bits=record.ring_bits,
+            clipping_range=record.clipping_range,
+            threshold=record.threshold,
+            max_colluding_nodes=record.max_colluding_nodes,
+            min_survivors=min_survivors,
+            identity_keys=record.identity_keys,
+            nonce=record.nonce,
+            logger=logger,
+        )
+        if server.context_id != record.context_id:
+            raise ConfigError(
+                "context record: context_id does not follow from its parameters "
+                "and nonce"
+            )
+        server.transcript = record.transcript
+        server.identity_keys = dict(record.identity_keys)
+        server.last_round = record.last_round
+        server._enter(ServerStage.READY, 0.0)
+        server._log.info(
+            "context=%s restored (last round %d)",
+            server.context_id[:4].hex(),
+            server.last_round,
+        )
+        return server
+
+    def record(self) -> ServerRecord:
+        """The context's public record, for :meth:`restore` after a restart.
+
+        Available once setup has completed, also while a round runs (the record
+        then holds that round's number as spent).
+
+        Raises
+        ------
+        UnexpectedMessage
+            Setup has not completed (or failed).
+        """
+        if self.stage not in _SET_UP:
+            raise UnexpectedMessage(
+                f"no context to record in stage {self.stage.value}",
+                phase=self.stage.value,
+            )
+        return ServerRecord(
+            researcher_id=self.researcher_id,
+            job_id=self.job_id,
+            nodes=self.nodes,
+            ring_bits=self.ring_bits,
+            clipping_range=self.clipping_range,
+            threshold=self.threshold,
+            max_colluding_nodes=self.max_colluding_nodes,
+            nonce=self.nonce,
+            context_id=self.context_id,
+            transcript=self.transcript,
+            identity_keys=dict(self.identity_keys),
+            last_round=self.last_round,
+        )
 
     @property
     def need(self) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import numpy as np
@@ -40,7 +41,12 @@ from mpc_runtime.messages import (
 )
 from mpc_runtime.protocol.node import TRANSITIONS, Node, NodeStage
 from mpc_runtime.protocol.round import request_digest, weights_hash
-from mpc_runtime.protocol.server import SERVER_TRANSITIONS, Server, ServerStage
+from mpc_runtime.protocol.server import (
+    SERVER_TRANSITIONS,
+    Server,
+    ServerRecord,
+    ServerStage,
+)
 from mpc_runtime.protocol.setup import compute_context_id, threshold_floor
 from mpc_runtime.protocol.store import MemoryNodeStore, StepAlreadyCommitted
 
@@ -769,3 +775,109 @@ def test_server_dropout_mask_key_mismatch_raises_round_aborted_naming_node(
     assert c_revealed == {"d": 4}  # every survivor revealed its c-share of d
     _assert_check_failed(net, info, "d")
     assert net.run_round(streams=STREAMS).contributors == tuple(IDS)
+
+
+# ------------------------------------------------------------------ restore
+
+
+def test_server_restore_from_record_then_round_through_memory():
+    net, values = _ready_net()
+    first = net.run_round(streams=STREAMS)
+    # A round in flight when the researcher stops: its number is spent, not resumed.
+    net.server.start_round(kind="task", name="sum", streams=STREAMS, now=net.now())
+    record = net.server.record()
+    assert record.last_round == first.round + 1
+    # The record survives its JSON form unchanged.
+    doc = json.loads(json.dumps(record.to_dict()))
+    assert ServerRecord.from_dict(doc) == record
+    net.server = Server.restore(ServerRecord.from_dict(doc), timeout=net.timeout)
+    assert net.server.stage is ServerStage.READY
+    assert net.server.context_id == record.context_id
+    result = net.run_round(streams=STREAMS)
+    assert result.round == record.last_round + 1
+    assert result.contributors == tuple(IDS)
+    want = expected_integer_sum(
+        values.values(), clipping_range=3.0, bits=reference_bits(5, 32), ring_bits=32
+    )
+    np.testing.assert_array_equal(result.integer_sums["w"].astype(np.uint64), want)
+
+
+def test_server_record_before_setup_completes_raises_unexpected_message():
+    server = Server(researcher_id="r", job_id="j", nodes=IDS, timeout=1.0)
+    with pytest.raises(UnexpectedMessage):
+        server.record()
+    server.start_setup(0.0)
+    with pytest.raises(UnexpectedMessage):
+        server.record()
+
+
+def _flip(b: bytes) -> bytes:
+    return bytes([b[0] ^ 1]) + b[1:]
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda r: {"context_id": _flip(r.context_id)}, "context_id does not follow"),
+        (lambda r: {"nonce": _flip(r.nonce)}, "context_id does not follow"),
+        (lambda r: {"job_id": "other"}, "context_id does not follow"),
+        (lambda r: {"clipping_range": 2.0}, "context_id does not follow"),
+        (lambda r: {"nonce": r.nonce[:16]}, "nonce of 32 bytes"),
+        (lambda r: {"transcript": b""}, "transcript of 32 bytes"),
+        (lambda r: {"context_id": "00" * 32}, "context_id of 32 bytes"),
+        (lambda r: {"nodes": r.nodes[::-1]}, "sorted"),
+        (lambda r: {"nodes": (*r.nodes, "a")}, "sorted"),
+        (lambda r: {"nodes": (*r.nodes[:-1], "bad id")}, "node id"),
+        (lambda r: {"job_id": "bad job"}, "job_id"),
+        (lambda r: {"researcher_id": "a"}, "not including the researcher"),
+        (lambda r: {"threshold": 2}, "threshold"),
+        (lambda r: {"ring_bits": 16}, "ring_bits"),
+        (lambda r: {"ring_bits": True}, "ring_bits"),
+        (lambda r: {"last_round": -1}, "last_round"),
+        (lambda r: {"last_round": (1 << 63) - 1}, "last_round"),
+        (
+            lambda r: {"identity_keys": {v: r.identity_keys[v] for v in r.nodes[1:]}},
+            "exactly the context's nodes",
+        ),
+        (
+            lambda r: {"identity_keys": {**r.identity_keys, "f": bytes(32)}},
+            "exactly the context's nodes",
+        ),
+        (
+            lambda r: {"identity_keys": {**r.identity_keys, "a": bytes(31)}},
+            "32 bytes",
+        ),
+        (
+            lambda r: {"identity_keys": {**r.identity_keys, "a": r.identity_keys["b"]}},
+            "share an identity key",
+        ),
+    ],
+)
+def test_server_restore_bad_record_raises_config_error(change, match):
+    net, _ = _ready_net()
+    record = net.server.record()
+    bad = dataclasses.replace(record, **change(record))
+    with pytest.raises(ConfigError, match=match):
+        Server.restore(bad, timeout=1.0)
+    # ConfigError is a ValueError, as DESIGN §5 says.
+    with pytest.raises(ValueError):
+        Server.restore(bad, timeout=1.0)
+    Server.restore(record, timeout=1.0)  # the unchanged record is fine
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.pop("transcript"),
+        lambda d: d.update(nonce="zz" * 32),
+        lambda d: d.update(last_round="3"),
+        lambda d: d.update(nodes="a,b,c,d,e"),
+        lambda d: d.update(ring_bits=32.0),
+    ],
+)
+def test_server_record_from_bad_dict_raises_config_error(edit):
+    net, _ = _ready_net()
+    doc = net.server.record().to_dict()
+    edit(doc)
+    with pytest.raises(ConfigError, match="context record"):
+        ServerRecord.from_dict(doc)
