@@ -495,6 +495,9 @@ def clip_histogram(x: np.ndarray, *, clipping_range: float) -> tuple[int, int, i
     ``|x| > k*c``, exact for these powers of two, so they agree with the clip test.
     """
     c = _check_clipping_range(clipping_range)
-    a = np.abs(_check_input(x).astype(np.float64))
-    over = [int(np.count_nonzero(a > k * c)) for k in (1.0, 2.0, 4.0, 8.0)]
+    a = np.abs(_check_input(x))
+    # One float64 comparison over x (a strong float64 scalar keeps numpy from rounding
+    # c to float32), then the bins over the few clipped values only.
+    beyond = a[a > np.float64(c)].astype(np.float64)
+    over = [int(beyond.size)] + [int(np.count_nonzero(beyond > k * c)) for k in (2.0, 4.0, 8.0)]
     return (over[0] - over[1], over[1] - over[2], over[2] - over[3], over[3])

@@ -101,7 +101,12 @@ def extra_words(
     :func:`clip_cap`, then the canary word 1.
     """
     cap = clip_cap(ring_bits, n_nodes)
-    hist = masking.clip_histogram(x, clipping_range=clipping_range)
+    # Nothing beyond ±c means an all-zero histogram: skip the pass over x.
+    hist = (
+        masking.clip_histogram(x, clipping_range=clipping_range)
+        if clipped
+        else (0, 0, 0, 0)
+    )
     words = [min(clipped, cap), *(min(h, cap) for h in hist), 1]
     assert len(words) == MASK_EXTRA_WORDS
     return np.array(words, dtype=np.uint32 if ring_bits == 32 else np.uint64)
