@@ -45,12 +45,18 @@ node's id ("squatting"). Hence the researcher routes to an id only after it has
 received at least one authenticated message on which routing id == User-Id
 (the id is then *bound*), and a message whose routing id differs from its
 User-Id is dropped, logged at WARNING, and unbinds that routing id (fail
-closed: the real node must speak again before it is routable). ROUTER_HANDOVER
-stays off, so while the real node is connected nobody can take its routing id;
-a squatter can at most occupy a free id, which only denies service, because
-everything the researcher sends is public to enrolled nodes or signed and
-AEAD-encrypted end to end (DESIGN §3) and ZAP admits enrolled nodes only.
-Heartbeats close dead connections so a restarted node gets its id back.
+closed: the real node must speak again before it is routable).
+``ROUTER_HANDOVER`` is on, so a restarted node replaces its own stale connection
+at once: libzmq reaps a dead connection only when the socket is used, and without
+handover a node reconnecting while the researcher is idle would be refused as a
+duplicate id for as long as both stay up. (ZAP cannot check the peer's routing id:
+libzmq puts the server's own id in the ZAP identity frame.) The cost: an enrolled
+node connecting under another node's id takes that id over until its first
+message, which is dropped and unbinds the id. Until then it may receive what was
+meant for the other node, and that is harmless: everything the researcher sends
+is public to enrolled nodes or signed and AEAD-encrypted end to end (DESIGN §3),
+so a squatter can only deny service (the victim becomes a dropout, which the
+protocol recovers), and its victim takes the id back by reconnecting.
 ``ROUTER_MANDATORY`` makes a send to an unknown or disconnected id fail instead
 of vanishing; :meth:`ResearcherEndpoint.send` reports it as ``False``.
 
@@ -577,6 +583,12 @@ class ResearcherEndpoint(_Endpoint):
             self._socket = sock
             _apply_options(sock, self.options)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # A restarted node must get its id back: libzmq reaps a dead connection
+            # only when the socket is used, so without handover a node reconnecting
+            # while the researcher is idle is refused as a duplicate id for good.
+            # The cost (module docstring): a squatter can take over an id until it
+            # speaks, which denies service and reveals nothing.
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             sock.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
             sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
             sock.setsockopt(zmq.CURVE_SERVER, 1)

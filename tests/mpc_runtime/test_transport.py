@@ -284,16 +284,28 @@ def test_transport_squatted_routing_id_dropped_and_not_routable(net):
     assert not res.send("node-a", setup_request())
 
 
-def test_transport_squatter_on_connected_node_id_gets_nothing(net):
+def test_transport_squatter_on_connected_node_id_dropped_and_node_takes_it_back(net):
     res, node = connected_pair(net)
     squatter = net.raw(res.endpoint, net.keys["node-b"], routing_id="node-a")
-    # ROUTER_HANDOVER is off: libzmq keeps the first connection on "node-a".
+    # ROUTER_HANDOVER is on: the squatter's connection takes "node-a" over until it
+    # speaks; its first message is dropped and unbinds the id (fail closed).
     serve_until(res, lambda: res.events["handshake_succeeded"] >= 2)
     squatter.send_multipart(t._split(advert("node-b"), OPTS))
+    serve_until(res, lambda: res.drops["routing_id"] >= 1)
+    assert not res.is_routable("node-a")
+    assert not res.send("node-a", setup_request())
+    # The real node redials (handover closed its connection) and takes its id back
+    # by speaking; from then on it alone receives what is sent to "node-a".
+    squatter.close(linger=0)
+    deadline = time.monotonic() + WAIT
+    while not res.is_routable("node-a"):
+        assert time.monotonic() < deadline, (dict(res.drops), dict(res.events))
+        assert node.send(advert("node-a"))
+        got = res.recv(0.2)
+        assert got in (None, ("node-a", advert("node-a")))
+        assert node.recv(0.01) is None
     assert res.send("node-a", setup_request())
     assert node.recv(WAIT) == setup_request()
-    assert squatter.poll(300) == 0
-    assert res.recv(0.3) is None
 
 
 def test_transport_node_pinned_to_other_researcher_key_never_delivers(net):
