@@ -25,6 +25,25 @@ SHA-256 output), and never reach a protocol machine:
   ``REFUSED(reason=NOT_READY, fields=("shape", "d<dim>", ...))``, or a refusal
   with reason ``POLICY``/``INPUT`` if it will not or cannot. The shape of a task's
   output is treated as public: the sum reveals it anyway.
+
+Fault injection (test-only)
+---------------------------
+The environment variable :data:`FAULT_ENV` (``SECAGG_TEST_FAULT``) is for tests
+only: it makes the daemon crash at a chosen point, so tests never race a signal
+against timing. :class:`NodeDaemon` reads it once, when constructed, and ignores
+it (with a warning in the log) unless it parses as ``exit-before:<phase>`` or
+``exit-after:<phase>``, optionally followed by ``:<round>``. ``<phase>`` is a
+step of the node (docs/protocol.md §9): ``advert-e``, ``transcript-sig``,
+``advert-c`` (alias ``keys``), ``upload``, ``survivors`` or ``reveal``. When the
+daemon is about to send that phase's message (in round ``<round>`` if given, in
+any round otherwise), it calls ``os._exit(86)`` (:data:`FAULT_EXIT_CODE`):
+
+- ``exit-before``: right before sending, after the step's durable commit, as a
+  crash between the commit and the send would;
+- ``exit-after``: right after sending; the daemon first flushes its socket (up to
+  5 s) so the message really left, then exits without closing anything else.
+
+Never set it in production.
 """
 
 from __future__ import annotations
@@ -37,14 +56,17 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
+import zmq
 
 from mpc_runtime.errors import ConfigError, PolicyRefused
 from mpc_runtime.messages import (
     Message,
+    MsgType,
     RefusalReason,
     Refused,
     RoundRequest,
@@ -58,7 +80,16 @@ from . import files
 from .config import NodeConfig
 from .store import FileNodeStore
 
-__all__ = ["NodeDaemon", "DRIVER_CONTEXT", "resolve_task", "shape_fields"]
+__all__ = [
+    "NodeDaemon",
+    "DRIVER_CONTEXT",
+    "FAULT_ENV",
+    "FAULT_EXIT_CODE",
+    "Fault",
+    "parse_fault",
+    "resolve_task",
+    "shape_fields",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +99,58 @@ DRIVER_CONTEXT: Final = bytes(32)
 #: How long a task result computed for a shape query waits for its round.
 _CACHE_SECONDS: Final = 600.0
 _CACHE_SIZE: Final = 8
+
+#: Test-only fault injection (module docstring): the variable and the exit status.
+FAULT_ENV: Final = "SECAGG_TEST_FAULT"
+FAULT_EXIT_CODE: Final = 86
+#: How long ``exit-after`` waits for the message to leave the socket (ms).
+_FAULT_LINGER_MS: Final = 5000
+#: The message type a node sends at each of its steps (docs/protocol.md §9).
+_FAULT_PHASES: Final[Mapping[str, MsgType]] = {
+    "advert-e": MsgType.CONTEXT_ADVERT,
+    "transcript-sig": MsgType.TRANSCRIPT_SIG,
+    "advert-c": MsgType.ROUND_ADVERT,
+    "keys": MsgType.ROUND_ADVERT,
+    "upload": MsgType.MASKED_INPUT,
+    "survivors": MsgType.SURVIVOR_SIG,
+    "reveal": MsgType.UNMASK_SHARES,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A parsed ``SECAGG_TEST_FAULT`` (test-only; see the module docstring)."""
+
+    when: Literal["before", "after"]
+    phase: str
+    message: MsgType
+    round: int | None = None
+
+    def matches(self, msg: Message, when: str) -> bool:
+        """Whether sending ``msg`` at ``when`` ("before"/"after") is the fault."""
+        return (
+            when == self.when
+            and msg.TYPE is self.message
+            and msg.context_id != DRIVER_CONTEXT
+            and (self.round is None or msg.round == self.round)
+        )
+
+
+def parse_fault(value: str | None) -> Fault | None:
+    """Parse ``exit-before|exit-after:<phase>[:<round>]``; None unless it parses."""
+    if not value:
+        return None
+    action, _, rest = value.strip().partition(":")
+    phase, _, round_text = rest.partition(":")
+    if action not in ("exit-before", "exit-after") or phase not in _FAULT_PHASES:
+        return None
+    round_: int | None = None
+    if round_text:
+        if not round_text.isdecimal():
+            return None
+        round_ = int(round_text)
+    when: Literal["before", "after"] = "before" if action == "exit-before" else "after"
+    return Fault(when, phase, _FAULT_PHASES[phase], round_)
 
 
 def shape_fields(shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -120,6 +203,14 @@ class NodeDaemon:
     hello_interval
         Seconds between two hellos while nothing else is sent.
 
+    Environment
+    -----------
+    SECAGG_TEST_FAULT
+        **Test-only** fault injection, read once here and ignored unless it
+        parses: ``exit-before:<phase>`` / ``exit-after:<phase>`` (optionally
+        ``:<round>``) makes :meth:`run` call ``os._exit(86)`` right before / right
+        after sending that phase's message (see the module docstring).
+
     Raises
     ------
     ConfigError
@@ -158,6 +249,13 @@ class NodeDaemon:
             roster = files.load_roster(self.directory)
         self._options = options
         self._hello_interval = hello_interval
+        # Test-only (module docstring): read once, ignored unless it parses.
+        raw_fault = os.environ.get(FAULT_ENV)
+        self._fault = parse_fault(raw_fault)
+        if raw_fault and self._fault is None:
+            self.log.warning("ignoring %s=%r: it does not parse", FAULT_ENV, raw_fault)
+        elif self._fault is not None:
+            self.log.warning("test fault injection armed: %s=%s", FAULT_ENV, raw_fault)
         self._cache: dict[tuple[str, bytes], tuple[float, np.ndarray]] = {}
         # DESIGN §1: the node directory comes first on the import path for tasks.
         if str(self.directory) not in sys.path:
@@ -297,8 +395,27 @@ class NodeDaemon:
 
     # ------------------------------------------------------------------- loop
 
+    def _fault_point(
+        self, when: str, msg: Message, context: zmq.Context[Any] | None
+    ) -> None:
+        """Test-only: exit with ``FAULT_EXIT_CODE`` if sending ``msg`` is the fault."""
+        if self._fault is None or not self._fault.matches(msg, when):
+            return
+        self.log.warning(
+            "test fault: exit %s %s round=%d", when, self._fault.phase, msg.round
+        )
+        if context is not None:
+            # Close every socket with a linger and wait until queued messages have
+            # left (bounded), so "after sending" means the researcher can get it.
+            context.destroy(linger=_FAULT_LINGER_MS)
+        os._exit(FAULT_EXIT_CODE)
+
     def run(self, stop: threading.Event, *, poll: float = 0.1) -> None:
         """Serve until ``stop`` is set; then close the endpoint and the store."""
+        # Only an armed test fault needs its own context (to flush before exiting).
+        context: zmq.Context[Any] | None = (
+            zmq.Context() if self._fault is not None else None
+        )
         try:
             with NodeEndpoint(
                 self.config.researcher,
@@ -307,6 +424,7 @@ class NodeDaemon:
                 self.identity.curve_secret,
                 self.researcher_key.curve_public,
                 options=self._options,
+                context=context,
                 logger=self.log.getChild("transport"),
             ) as endpoint:
                 self.log.info(
@@ -323,12 +441,14 @@ class NodeDaemon:
                     now = time.monotonic()
                     if msg is not None:
                         for reply in self.handle(msg, now):
+                            self._fault_point("before", reply, context)
                             if not endpoint.send(reply):
                                 self.log.warning(
                                     "reply type=%s round=%d not sent (queue full)",
                                     reply.TYPE.name,
                                     reply.round,
                                 )
+                            self._fault_point("after", reply, context)
                     self.node.tick(now)
                     seen = endpoint.events["handshake_succeeded"]
                     if seen != handshakes or now - last_hello >= self._hello_interval:
@@ -336,5 +456,7 @@ class NodeDaemon:
                         self._hello(endpoint)
                         last_hello = now
         finally:
+            if context is not None:
+                context.term()
             self.store.close()
             self.log.info("node=%s stopped", self.id)
