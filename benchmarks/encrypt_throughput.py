@@ -59,8 +59,12 @@ def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
 
 
 def cpu_description() -> dict[str, str]:
-    return {"model": cpu_model(), "flags": " ".join(cpu_flags()), "machine": platform.machine(),
-            "cores": str(os.cpu_count())}
+    return {
+        "model": cpu_model(),
+        "flags": " ".join(cpu_flags()),
+        "machine": platform.machine(),
+        "cores": str(os.cpu_count()),
+    }
 
 
 def kernel_args(keys: list[bytes]) -> tuple[bytes, bytes]:
@@ -81,7 +85,11 @@ def pyloop_mask(x: np.ndarray, keys: list[bytes], bits: int) -> list[int]:
     mod = 1 << 32
     streams = []
     for j, key in enumerate(keys):
-        raw = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(4 * x.size))
+        raw = (
+            Cipher(algorithms.AES(key), modes.CTR(bytes(16)))
+            .encryptor()
+            .update(bytes(4 * x.size))
+        )
         streams.append((1 if j % 2 == 0 else -1, struct.unpack(f"<{x.size}I", raw)))
     out = []
     for i, v in enumerate(x.tolist()):
@@ -92,7 +100,9 @@ def pyloop_mask(x: np.ndarray, keys: list[bytes], bits: int) -> list[int]:
     return out
 
 
-def node_benchmarks(sizes: list[int], ks: list[int], rings: list[int], repeats: int, pyloop_d: int) -> list[dict]:
+def node_benchmarks(
+    sizes: list[int], ks: list[int], rings: list[int], repeats: int, pyloop_d: int
+) -> list[dict]:
     rng = np.random.default_rng(1)
     rows = []
     for d in sizes:
@@ -110,26 +120,49 @@ def node_benchmarks(sizes: list[int], ks: list[int], rings: list[int], repeats: 
                 reps = max(1, repeats if d <= 10**6 else repeats // 2)
                 contenders: dict[str, Callable[[], object]] = {
                     "native": lambda: masking.protect_into(
-                        out, x, clipping_range=C, bits=bits, ring_bits=ring,
-                        add_keys=keys[0::2], sub_keys=keys[1::2]),
-                    "reference": lambda: _reference.protect_into(out, x, C, bits, kb, sb),
+                        out,
+                        x,
+                        clipping_range=C,
+                        bits=bits,
+                        ring_bits=ring,
+                        add_keys=keys[0::2],
+                        sub_keys=keys[1::2],
+                    ),
+                    "reference": lambda: _reference.protect_into(
+                        out, x, C, bits, kb, sb
+                    ),
                 }
                 if k:
-                    contenders["openssl"] = lambda: openssl_keystreams(keys, zeros, ks_out)
+                    contenders["openssl"] = lambda: openssl_keystreams(
+                        keys, zeros, ks_out
+                    )
                 t = best_times(contenders, reps)
-                t_nat, t_ref, t_ssl = t["native"], t["reference"], t.get("openssl", float("nan"))
+                t_nat, t_ref, t_ssl = (
+                    t["native"],
+                    t["reference"],
+                    t.get("openssl", float("nan")),
+                )
                 row = {
-                    "d": d, "k": k, "ring": ring,
-                    "native": d / t_nat, "reference": d / t_ref,
+                    "d": d,
+                    "k": k,
+                    "ring": ring,
+                    "native": d / t_nat,
+                    "reference": d / t_ref,
                     "openssl": d / t_ssl if k else None,
                     "native_vs_openssl": t_ssl / t_nat if k else None,
                     "native_vs_reference": t_ref / t_nat,
                 }
                 rows.append(row)
-                print(f"  d={d:>9,} ring={ring} k={k:>2}  native {d / t_nat / 1e6:8.1f} M/s   "
-                      f"reference {d / t_ref / 1e6:7.1f} M/s   "
-                      + (f"openssl {d / t_ssl / 1e6:8.1f} M/s   native/openssl {t_ssl / t_nat:5.2f}"
-                         if k else "openssl      -"), flush=True)
+                print(
+                    f"  d={d:>9,} ring={ring} k={k:>2}  native {d / t_nat / 1e6:8.1f} M/s   "
+                    f"reference {d / t_ref / 1e6:7.1f} M/s   "
+                    + (
+                        f"openssl {d / t_ssl / 1e6:8.1f} M/s   native/openssl {t_ssl / t_nat:5.2f}"
+                        if k
+                        else "openssl      -"
+                    ),
+                    flush=True,
+                )
     # The prior-art loop is measured on a small d, against the kernel on the same d.
     x = rng.normal(0, 1, pyloop_d).astype(np.float32)
     keys = [os.urandom(16) for _ in range(3)]
@@ -138,13 +171,37 @@ def node_benchmarks(sizes: list[int], ks: list[int], rings: list[int], repeats: 
     # The loop is hundreds of times slower, so interleaving buys nothing here, and the
     # kernel's call on this small d is short enough to need many samples.
     t_loop = best_times({"pyloop": lambda: pyloop_mask(x, keys, bits)}, 2)["pyloop"]
-    t_nat = best_times({"native": lambda: masking.protect_into(
-        out, x, clipping_range=C, bits=bits, add_keys=keys[0::2], sub_keys=keys[1::2])}, 4 * repeats)["native"]
-    assert pyloop_mask(x, keys, bits) == out.tolist(), "the loop baseline must compute the same words"
-    print(f"  pyloop d={pyloop_d:,} k=3: {pyloop_d / t_loop / 1e6:.3f} M/s; native {pyloop_d / t_nat / 1e6:.1f} M/s; "
-          f"ratio {t_loop / t_nat:,.0f}x", flush=True)
-    rows.append({"d": pyloop_d, "k": 3, "ring": 32, "pyloop": pyloop_d / t_loop, "native": pyloop_d / t_nat,
-                 "native_vs_pyloop": t_loop / t_nat})
+    t_nat = best_times(
+        {
+            "native": lambda: masking.protect_into(
+                out,
+                x,
+                clipping_range=C,
+                bits=bits,
+                add_keys=keys[0::2],
+                sub_keys=keys[1::2],
+            )
+        },
+        4 * repeats,
+    )["native"]
+    assert pyloop_mask(x, keys, bits) == out.tolist(), (
+        "the loop baseline must compute the same words"
+    )
+    print(
+        f"  pyloop d={pyloop_d:,} k=3: {pyloop_d / t_loop / 1e6:.3f} M/s; native {pyloop_d / t_nat / 1e6:.1f} M/s; "
+        f"ratio {t_loop / t_nat:,.0f}x",
+        flush=True,
+    )
+    rows.append(
+        {
+            "d": pyloop_d,
+            "k": 3,
+            "ring": 32,
+            "pyloop": pyloop_d / t_loop,
+            "native": pyloop_d / t_nat,
+            "native_vs_pyloop": t_loop / t_nat,
+        }
+    )
     return rows
 
 
@@ -174,27 +231,71 @@ def server_benchmark(d: int, n: int, repeats: int) -> dict:
         return top
 
     peaks = {4: peak(4), 64: peak(64)}
-    row = {"d": d, "n": n, "sum_GBps": total_bytes / t_sum / 1e9, "numpy_read_GBps": total_bytes / t_np / 1e9,
-           "server_vs_numpy_read": t_np / t_sum, "peak_bytes_n4": peaks[4], "peak_bytes_n64": peaks[64]}
-    print(f"  server d={d:,} n={n}: sum+dequantize {row['sum_GBps']:.2f} GB/s, numpy arr.sum() read "
-          f"{row['numpy_read_GBps']:.2f} GB/s, ratio {row['server_vs_numpy_read']:.2f}; peak memory "
-          f"n=4 {peaks[4] / 1e6:.1f} MB, n=64 {peaks[64] / 1e6:.1f} MB", flush=True)
+    row = {
+        "d": d,
+        "n": n,
+        "sum_GBps": total_bytes / t_sum / 1e9,
+        "numpy_read_GBps": total_bytes / t_np / 1e9,
+        "server_vs_numpy_read": t_np / t_sum,
+        "peak_bytes_n4": peaks[4],
+        "peak_bytes_n64": peaks[64],
+    }
+    print(
+        f"  server d={d:,} n={n}: sum+dequantize {row['sum_GBps']:.2f} GB/s, numpy arr.sum() read "
+        f"{row['numpy_read_GBps']:.2f} GB/s, ratio {row['server_vs_numpy_read']:.2f}; peak memory "
+        f"n=4 {peaks[4] / 1e6:.1f} MB, n=64 {peaks[64] / 1e6:.1f} MB",
+        flush=True,
+    )
     return row
 
 
-def check_targets(rows: list[dict], server: dict, big_d: int) -> list[tuple[str, float, float, bool]]:
+def check_targets(
+    rows: list[dict], server: dict, big_d: int
+) -> list[tuple[str, float, float, bool]]:
     """DESIGN §6's node and server ratios at the largest d, ring 32."""
     results = []
-    at = {r["k"]: r for r in rows if r.get("d") == big_d and r.get("ring") == 32 and "pyloop" not in r}
+    at = {
+        r["k"]: r
+        for r in rows
+        if r.get("d") == big_d and r.get("ring") == 32 and "pyloop" not in r
+    }
     for k, r in sorted(at.items()):
         if k:
-            results.append((f"native/openssl k={k} (>= 0.7)", r["native_vs_openssl"], 0.7, r["native_vs_openssl"] >= 0.7))
-        results.append((f"native/reference k={k} (>= 3)", r["native_vs_reference"], 3.0, r["native_vs_reference"] >= 3.0))
+            results.append(
+                (
+                    f"native/openssl k={k} (>= 0.7)",
+                    r["native_vs_openssl"],
+                    0.7,
+                    r["native_vs_openssl"] >= 0.7,
+                )
+            )
+        results.append(
+            (
+                f"native/reference k={k} (>= 3)",
+                r["native_vs_reference"],
+                3.0,
+                r["native_vs_reference"] >= 3.0,
+            )
+        )
     if masking.IMPLEMENTATION == "vaes" and 10 in at:
         r = at[10]
-        results.append(("native/openssl k=10 with VAES (>= 1.3)", r["native_vs_openssl"], 1.3, r["native_vs_openssl"] >= 1.3))
+        results.append(
+            (
+                "native/openssl k=10 with VAES (>= 1.3)",
+                r["native_vs_openssl"],
+                1.3,
+                r["native_vs_openssl"] >= 1.3,
+            )
+        )
     loop = next(r for r in rows if "pyloop" in r)
-    results.append(("native/pyloop (>= 100)", loop["native_vs_pyloop"], 100.0, loop["native_vs_pyloop"] >= 100))
+    results.append(
+        (
+            "native/pyloop (>= 100)",
+            loop["native_vs_pyloop"],
+            100.0,
+            loop["native_vs_pyloop"] >= 100,
+        )
+    )
     ratio = server["server_vs_numpy_read"]
     results.append(("server sum/numpy read (>= 0.6)", ratio, 0.6, ratio >= 0.6))
     grow = server["peak_bytes_n64"] / max(server["peak_bytes_n4"], 1)
@@ -213,19 +314,46 @@ def plot(rows: list[dict], big_d: int, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for ring, style in ((32, "-"), (64, "--")):
-        sel = sorted((r for r in rows if r.get("d") == big_d and r.get("ring") == ring and "pyloop" not in r),
-                     key=lambda r: r["k"])
+        sel = sorted(
+            (
+                r
+                for r in rows
+                if r.get("d") == big_d and r.get("ring") == ring and "pyloop" not in r
+            ),
+            key=lambda r: r["k"],
+        )
         if not sel:
             continue
         ks = [r["k"] for r in sel]
-        ax.plot(ks, [r["native"] / 1e6 for r in sel], "o" + style, color="C0", label=f"secagg {masking.IMPLEMENTATION} ring {ring}")
-        ax.plot(ks, [r["reference"] / 1e6 for r in sel], "s" + style, color="C2", label=f"numpy reference ring {ring}")
+        ax.plot(
+            ks,
+            [r["native"] / 1e6 for r in sel],
+            "o" + style,
+            color="C0",
+            label=f"secagg {masking.IMPLEMENTATION} ring {ring}",
+        )
+        ax.plot(
+            ks,
+            [r["reference"] / 1e6 for r in sel],
+            "s" + style,
+            color="C2",
+            label=f"numpy reference ring {ring}",
+        )
         kk = [r["k"] for r in sel if r["k"]]
-        ax.plot(kk, [r["openssl"] / 1e6 for r in sel if r["k"]], "^" + style, color="C3", label=f"OpenSSL keystreams only ring {ring}")
+        ax.plot(
+            kk,
+            [r["openssl"] / 1e6 for r in sel if r["k"]],
+            "^" + style,
+            color="C3",
+            label=f"OpenSSL keystreams only ring {ring}",
+        )
     ax.set_xlabel("keys per node (k)")
     ax.set_ylabel("million parameters / s (one thread)")
     ax.set_yscale("log")
-    ax.set_title(f"Masking throughput, d = {big_d:,} float32\n{cpu_description()['model']}", fontsize=9)
+    ax.set_title(
+        f"Masking throughput, d = {big_d:,} float32\n{cpu_description()['model']}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -234,20 +362,47 @@ def plot(rows: list[dict], big_d: int, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where JSON and PNG go")
-    parser.add_argument("--check", action="store_true", help="exit 1 if a DESIGN §6 target is missed")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, under a minute"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="where JSON and PNG go",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if a DESIGN §6 target is missed"
+    )
     args = parser.parse_args(argv)
 
     if args.quick:
-        sizes, ks, rings, repeats, pyloop_d = [10**5, 10**6], [0, 1, 3, 10], [32, 64], 5, 20_000
+        sizes, ks, rings, repeats, pyloop_d = (
+            [10**5, 10**6],
+            [0, 1, 3, 10],
+            [32, 64],
+            5,
+            20_000,
+        )
     else:
-        sizes, ks, rings, repeats, pyloop_d = [10**5, 10**6, 10**7], [0, 1, 3, 10], [32, 64], 7, 100_000
+        sizes, ks, rings, repeats, pyloop_d = (
+            [10**5, 10**6, 10**7],
+            [0, 1, 3, 10],
+            [32, 64],
+            7,
+            100_000,
+        )
     cpu = cpu_description()
     print(f"secagg masking benchmark: IMPLEMENTATION={masking.IMPLEMENTATION}")
-    print(f"cpu: {cpu['model']} ({cpu['machine']}, {cpu['cores']} cores) flags: {cpu['flags']}")
-    print(f"numpy {np.__version__}, {openssl_backend.openssl_version_text()}, python {platform.python_version()}, one thread")
+    print(
+        f"cpu: {cpu['model']} ({cpu['machine']}, {cpu['cores']} cores) flags: {cpu['flags']}"
+    )
+    print(
+        f"numpy {np.__version__}, {openssl_backend.openssl_version_text()}, python {platform.python_version()}, one thread"
+    )
     print("node (protect: clip + quantize + k keystreams):")
     rows = node_benchmarks(sizes, ks, rings, repeats, pyloop_d)
     print("server (sum_masked + dequantize_sum):")
@@ -258,8 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, _bar, ok in targets:
         print(f"  {'ok  ' if ok else 'MISS'} {name:<42} {value:8.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"implementation": masking.IMPLEMENTATION, "cpu": cpu, "quick": args.quick, "node": rows,
-              "server": server, "targets": [{"name": n, "value": v, "bar": b, "ok": o} for n, v, b, o in targets]}
+    result = {
+        "implementation": masking.IMPLEMENTATION,
+        "cpu": cpu,
+        "quick": args.quick,
+        "node": rows,
+        "server": server,
+        "targets": [
+            {"name": n, "value": v, "bar": b, "ok": o} for n, v, b, o in targets
+        ],
+    }
     (args.out / "encrypt_throughput.json").write_text(json.dumps(result, indent=1))
     print(f"  json: {args.out / 'encrypt_throughput.json'}")
     plot(rows, big_d, args.out / "encrypt_throughput.png")

@@ -69,7 +69,9 @@ def _field(value: object, out: bytearray) -> None:
         for item in sorted(value, key=_sort_key):
             _field(item, out)
     else:
-        raise TypeError(f"expected int, float, str, bytes, list or set, got {type(value).__name__}")
+        raise TypeError(
+            f"expected int, float, str, bytes, list or set, got {type(value).__name__}"
+        )
 
 
 def _sort_key(item: object) -> bytes:
@@ -77,7 +79,9 @@ def _sort_key(item: object) -> bytes:
         return item.encode("utf-8")
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
-    raise TypeError(f"expected a set of str or bytes, got an item of type {type(item).__name__}")
+    raise TypeError(
+        f"expected a set of str or bytes, got an item of type {type(item).__name__}"
+    )
 
 
 def encode_fields(fields: Iterable[object]) -> bytes:

@@ -87,7 +87,9 @@ class ContextMismatch(ProtocolError):
     ``fields`` names what differs (e.g. ``("transcript",)``), never its value.
     """
 
-    def __init__(self, message: str = "", *, fields: Iterable[str] = (), **kw: object) -> None:
+    def __init__(
+        self, message: str = "", *, fields: Iterable[str] = (), **kw: object
+    ) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.fields: tuple[str, ...] = tuple(fields)
 

@@ -11,8 +11,12 @@ from hypothesis import HealthCheck, settings
 # Function-scoped fixtures here only select an implementation, which must stay the
 # same for every example of a test, so hypothesis' warning about them does not apply.
 _QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
-settings.register_profile("ci", max_examples=50, deadline=None, suppress_health_check=_QUIET)
-settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile(
+    "ci", max_examples=50, deadline=None, suppress_health_check=_QUIET
+)
+settings.register_profile(
+    "thorough", max_examples=1000, deadline=None, suppress_health_check=_QUIET
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

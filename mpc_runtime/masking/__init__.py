@@ -62,7 +62,10 @@ KEY_SIZE: Final = 16
 #: More bits than this exceed float64's exact integer range and buy no precision.
 MAX_BITS: Final = 48
 _VARIANTS: Final = ("vaes", "aesni", "armv8")
-_RING_DTYPES: Final[dict[int, np.dtype[Any]]] = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
+_RING_DTYPES: Final[dict[int, np.dtype[Any]]] = {
+    32: np.dtype(np.uint32),
+    64: np.dtype(np.uint64),
+}
 # sum_masked pulls this many vectors at a time, so its memory is bounded however
 # many vectors the iterable yields, while each chunk of the sum is written once
 # per batch instead of once per vector.
@@ -145,7 +148,9 @@ def _check_ring(ring_bits: int) -> np.dtype:
 def _ring_of(a: np.ndarray, name: str) -> int:
     """The ring of a uint32/uint64 array in native byte order."""
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"expected {name} to be a numpy.ndarray, got {type(a).__name__}")
+        raise TypeError(
+            f"expected {name} to be a numpy.ndarray, got {type(a).__name__}"
+        )
     for ring, dtype in _RING_DTYPES.items():
         if a.dtype == dtype:
             return ring
@@ -159,7 +164,9 @@ def _check_vector(a: np.ndarray, name: str) -> None:
 
 def _check_clipping_range(c: float) -> float:
     if isinstance(c, bool) or not isinstance(c, (int, float, np.integer, np.floating)):
-        raise TypeError(f"expected clipping_range to be a number, got {type(c).__name__}")
+        raise TypeError(
+            f"expected clipping_range to be a number, got {type(c).__name__}"
+        )
     c = float(c)
     if not (math.isfinite(c) and c > 0):
         raise ValueError(f"expected a finite clipping_range > 0, got {c}")
@@ -171,22 +178,32 @@ def _check_bits(bits: int, ring_bits: int) -> int:
         raise TypeError(f"expected bits to be an int, got {type(bits).__name__}")
     top = min(ring_bits, MAX_BITS)
     if not 1 <= bits <= top:
-        raise ValueError(f"expected 1 <= bits <= {top} for ring_bits={ring_bits}, got {bits}")
+        raise ValueError(
+            f"expected 1 <= bits <= {top} for ring_bits={ring_bits}, got {bits}"
+        )
     return int(bits)
 
 
-def _check_keys(add_keys: Iterable[bytes], sub_keys: Iterable[bytes]) -> tuple[bytes, bytes]:
+def _check_keys(
+    add_keys: Iterable[bytes], sub_keys: Iterable[bytes]
+) -> tuple[bytes, bytes]:
     """Concatenate the keys and their signs (0x01 add, 0xFF subtract) for the kernel."""
     keys = bytearray()
     signs = bytearray()
     for sign, group, name in ((1, add_keys, "add_keys"), (0xFF, sub_keys, "sub_keys")):
         if isinstance(group, (bytes, bytearray, str)):
-            raise TypeError(f"expected {name} to be a sequence of keys, not one {type(group).__name__}")
+            raise TypeError(
+                f"expected {name} to be a sequence of keys, not one {type(group).__name__}"
+            )
         for key in group:
             if not isinstance(key, (bytes, bytearray)):
-                raise TypeError(f"expected each key in {name} to be bytes, got {type(key).__name__}")
+                raise TypeError(
+                    f"expected each key in {name} to be bytes, got {type(key).__name__}"
+                )
             if len(key) != KEY_SIZE:
-                raise ValueError(f"expected each key in {name} to be {KEY_SIZE} bytes, got {len(key)}")
+                raise ValueError(
+                    f"expected each key in {name} to be {KEY_SIZE} bytes, got {len(key)}"
+                )
             keys += key
             signs.append(sign)
     return bytes(keys), bytes(signs)
@@ -206,7 +223,9 @@ def _check_output(out: np.ndarray, n: int, ring_bits: int) -> None:
     ring = _ring_of(out, "out")
     _check_vector(out, "out")
     if ring != ring_bits:
-        raise ValueError(f"expected out of dtype {_RING_DTYPES[ring_bits]} for ring_bits={ring_bits}, got {out.dtype}")
+        raise ValueError(
+            f"expected out of dtype {_RING_DTYPES[ring_bits]} for ring_bits={ring_bits}, got {out.dtype}"
+        )
     if out.shape[0] != n:
         raise ValueError(f"expected out of length {n}, got {out.shape[0]}")
     if not (out.flags.c_contiguous and out.flags.writeable):
@@ -227,7 +246,11 @@ def bits_for(n_nodes: int, ring_bits: int = 32) -> int:
         ``n_nodes < 1``, a ring other than 32 or 64, or too many nodes for the ring.
     """
     _check_ring(ring_bits)
-    if isinstance(n_nodes, bool) or not isinstance(n_nodes, (int, np.integer)) or n_nodes < 1:
+    if (
+        isinstance(n_nodes, bool)
+        or not isinstance(n_nodes, (int, np.integer))
+        or n_nodes < 1
+    ):
         raise ValueError(f"expected n_nodes >= 1, got {n_nodes!r}")
     bits = min(ring_bits - (int(n_nodes) - 1).bit_length(), MAX_BITS)
     if bits < 1:
@@ -259,12 +282,16 @@ def protect_into(
     _check_output(out, x.shape[0], ring_bits)
     if np.may_share_memory(out, x):
         raise ValueError("out must not share memory with x")
-    clipped, max_abs, nonfinite, first = _impl.protect_into(out, x, c, bits, keys, signs)
+    clipped, max_abs, nonfinite, first = _impl.protect_into(
+        out, x, c, bits, keys, signs
+    )
     if nonfinite:
         raise ValueError(
             f"x has {nonfinite} non-finite value(s) (NaN or inf); the first is at index {first}"
         )
-    return out, ClipStats(size=int(x.shape[0]), clipped=int(clipped), max_abs=float(max_abs))
+    return out, ClipStats(
+        size=int(x.shape[0]), clipped=int(clipped), max_abs=float(max_abs)
+    )
 
 
 def protect(
@@ -349,7 +376,11 @@ def mask_integers(
     if w.dtype.kind not in "ui":
         raise TypeError(f"expected w of an integer dtype, got {w.dtype}")
     _check_vector(w, "w")
-    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+    if (
+        isinstance(offset, bool)
+        or not isinstance(offset, (int, np.integer))
+        or offset < 0
+    ):
         raise ValueError(f"expected an integer offset >= 0, got {offset!r}")
     if w.size and (int(w.min()) < 0 or int(w.max()) >= 1 << ring_bits):
         raise ValueError(f"expected words in [0, 2**{ring_bits})")
@@ -386,7 +417,9 @@ def unmask(
     ring = _ring_of(s, "s")
     _check_vector(s, "s")
     if ring_bits is not None and _check_ring(ring_bits) != s.dtype:
-        raise ValueError(f"expected s of dtype {_RING_DTYPES[ring_bits]} for ring_bits={ring_bits}, got {s.dtype}")
+        raise ValueError(
+            f"expected s of dtype {_RING_DTYPES[ring_bits]} for ring_bits={ring_bits}, got {s.dtype}"
+        )
     # Undoing means swapping roles: what was added is subtracted and vice versa.
     keys, signs = _check_keys(sub_keys, add_keys)
     out = np.array(s, dtype=_RING_DTYPES[ring], order="C", copy=True)
@@ -479,7 +512,9 @@ def dequantize_sum(
     top = 2**bits - 1
     out = np.empty(s.shape[0], dtype=np.float64)
     bound = min(int(n) * top, 2**ring - 1)
-    over = _impl.dequantize_into(out, np.ascontiguousarray(s), 2.0 * c, float(top), float(n) * c, bound)
+    over = _impl.dequantize_into(
+        out, np.ascontiguousarray(s), 2.0 * c, float(top), float(n) * c, bound
+    )
     if over:
         raise ValueError(
             f"{over} summed word(s) exceed n*(2**bits - 1) for n={n}, bits={bits}: "
@@ -488,7 +523,9 @@ def dequantize_sum(
     return out
 
 
-def clip_histogram(x: np.ndarray, *, clipping_range: float) -> tuple[int, int, int, int]:
+def clip_histogram(
+    x: np.ndarray, *, clipping_range: float
+) -> tuple[int, int, int, int]:
     """Counts of ``|x|/c`` in (1, 2], (2, 4], (4, 8] and above 8 (DESIGN §4).
 
     The four counts add up to ``ClipStats.clipped``. Bounds are compared as
@@ -499,5 +536,7 @@ def clip_histogram(x: np.ndarray, *, clipping_range: float) -> tuple[int, int, i
     # One float64 comparison over x (a strong float64 scalar keeps numpy from rounding
     # c to float32), then the bins over the few clipped values only.
     beyond = a[a > np.float64(c)].astype(np.float64)
-    over = [int(beyond.size)] + [int(np.count_nonzero(beyond > k * c)) for k in (2.0, 4.0, 8.0)]
+    over = [int(beyond.size)] + [
+        int(np.count_nonzero(beyond > k * c)) for k in (2.0, 4.0, 8.0)
+    ]
     return (over[0] - over[1], over[1] - over[2], over[2] - over[3], over[3])

@@ -16,4 +16,6 @@ except ImportError as e:
 print(f"secagg {__version__}")
 print(f"IMPLEMENTATION = {masking.IMPLEMENTATION}")
 print(f"compiled variants this CPU runs: {runnable}")
-print(f"cpu: {cpu_model()} ({platform.machine()}); flags: {' '.join(cpu_flags()) or 'none relevant'}")
+print(
+    f"cpu: {cpu_model()} ({platform.machine()}); flags: {' '.join(cpu_flags()) or 'none relevant'}"
+)

@@ -75,7 +75,9 @@ def sum_into(acc: np.ndarray, vectors: Sequence[np.ndarray]) -> None:
         np.add(acc, v, out=acc)
 
 
-def dequantize_into(out: np.ndarray, s: np.ndarray, two_c: float, top: float, nc: float, bound: int) -> int:
+def dequantize_into(
+    out: np.ndarray, s: np.ndarray, two_c: float, top: float, nc: float, bound: int
+) -> int:
     # DESIGN §4: ((S * 2c) / (2^b - 1)) - m*c in float64, in exactly that order.
     over = int(np.count_nonzero(s > bound))
     np.multiply(s, two_c, out=out)

@@ -242,7 +242,13 @@ def test_encode_set_equals_list_sorted_by_utf8(items: set[str]) -> None:
     "field",
     [True, False, [1, True], None, {"a": 1}, object(), {1, 2}, 1j],
     ids=[
-        "true", "false", "nested-bool", "none", "dict", "object", "set-of-int",
+        "true",
+        "false",
+        "nested-bool",
+        "none",
+        "dict",
+        "object",
+        "set-of-int",
         "complex",
     ],
 )

@@ -93,8 +93,14 @@ def hchacha20(key: bytes, nonce16: bytes) -> bytes:
         s[b] = _rotl(s[b] ^ s[c], 7)
 
     double_round = (
-        (0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15),  # columns
-        (0, 5, 10, 15), (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14),  # diagonals
+        (0, 4, 8, 12),
+        (1, 5, 9, 13),
+        (2, 6, 10, 14),
+        (3, 7, 11, 15),  # columns
+        (0, 5, 10, 15),
+        (1, 6, 11, 12),
+        (2, 7, 8, 13),
+        (3, 4, 9, 14),  # diagonals
     )
     for _ in range(10):  # 20 rounds = 10 double rounds.
         for indices in double_round:
@@ -267,8 +273,14 @@ def test_x25519_generate_uses_os_urandom(monkeypatch: pytest.MonkeyPatch) -> Non
         ),
         (
             lambda k: keys.mask_key(
-                k, k, transcript=k[:31], round=1, stream="w", request_digest=D,
-                u="a", v="b",
+                k,
+                k,
+                transcript=k[:31],
+                round=1,
+                stream="w",
+                request_digest=D,
+                u="a",
+                v="b",
             ),
             "transcript: expected 32 bytes, got 31",
         ),
@@ -564,10 +576,17 @@ def test_mask_key_any_ids_is_symmetric(
 ) -> None:
     assume(u != v)
     (c_u, pub_u), (c_v, pub_v) = pairs["u"], pairs["v"]
+
     def k(secret: bytes, public: bytes, a: str, b: str) -> bytes:
         return keys.mask_key(
-            secret, public, transcript=T, round=rnd, stream=stream,
-            request_digest=D, u=a, v=b,
+            secret,
+            public,
+            transcript=T,
+            round=rnd,
+            stream=stream,
+            request_digest=D,
+            u=a,
+            v=b,
         )
 
     k_uv = k(c_u, pub_v, u, v)
@@ -592,8 +611,12 @@ def test_mask_key_any_field_change_changes_key(
 ) -> None:
     (c_u, _), (_, pub_v) = pairs["u"], pairs["v"]
     base: dict[str, object] = {
-        "transcript": T, "round": 3, "stream": "w", "request_digest": D,
-        "u": "node-a", "v": "node-b",
+        "transcript": T,
+        "round": 3,
+        "stream": "w",
+        "request_digest": D,
+        "u": "node-a",
+        "v": "node-b",
     }
     k = keys.mask_key(c_u, pub_v, **base)  # type: ignore[arg-type]
     changed = {**base, **change}
@@ -606,16 +629,28 @@ def test_mask_key_same_ids_raises_value_error(
     (c_u, _), (_, pub_v) = pairs["u"], pairs["v"]
     with pytest.raises(ValueError, match="differ"):
         keys.mask_key(
-            c_u, pub_v, transcript=T, round=1, stream="w", request_digest=D,
-            u="a", v="a",
+            c_u,
+            pub_v,
+            transcript=T,
+            round=1,
+            stream="w",
+            request_digest=D,
+            u="a",
+            v="a",
         )
 
 
 def test_mask_key_low_order_peer_raises_authentication_error() -> None:
     with pytest.raises(AuthenticationError):
         keys.mask_key(
-            bytes(32), bytes(32), transcript=T, round=1, stream="w", request_digest=D,
-            u="a", v="b",
+            bytes(32),
+            bytes(32),
+            transcript=T,
+            round=1,
+            stream="w",
+            request_digest=D,
+            u="a",
+            v="b",
         )
 
 
@@ -645,14 +680,18 @@ COMMITMENT_GOLDEN = "29c879a5f9d77c3b326f0c4211de609bfb3639fb22fdd1ec2d8842f5b0a
 
 def test_mask_key_golden_output_matches_independent_derivation() -> None:
     # u = "é" (c3 a9), v = "z" (7a): by UTF-8 bytes "z" < "é", so "z" comes first.
-    info = (
-        b"secagg/v1/mask\0" + _u64(7) + _id("w") + _u32(32) + D + _id("z") + _id("é")
-    )
+    info = b"secagg/v1/mask\0" + _u64(7) + _id("w") + _u32(32) + D + _id("z") + _id("é")
     shared = x25519_by_openssl(C_U, x25519_public_by_openssl(C_V))
     expected = hkdf_by_hand(shared, T, info, 16)[1]
     ours = keys.mask_key(
-        C_U, keys.x25519_public(C_V), transcript=T, round=7, stream="w",
-        request_digest=D, u="é", v="z",
+        C_U,
+        keys.x25519_public(C_V),
+        transcript=T,
+        round=7,
+        stream="w",
+        request_digest=D,
+        u="é",
+        v="z",
     )
     assert ours == expected
     assert ours.hex() == MASK_KEY_GOLDEN
@@ -679,8 +718,7 @@ def test_share_key_golden_output_matches_independent_derivation() -> None:
 
 def test_seed_commitment_golden_output_matches_independent_derivation() -> None:
     data = (
-        b"secagg/v1/commit\0" + _u32(32) + T + _u64(7) + _id("node-a")
-        + _u32(16) + SEED
+        b"secagg/v1/commit\0" + _u32(32) + T + _u64(7) + _id("node-a") + _u32(16) + SEED
     )
     expected = hashlib.sha256(data).digest()
     ours = keys.seed_commitment(SEED, transcript=T, round=7, node="node-a")
@@ -698,8 +736,14 @@ def test_seed_commitment_any_field_change_changes_digest() -> None:
 
 def test_share_aad_golden_bytes() -> None:
     expected = (
-        b"secagg/v1/share\0" + _id("c") + _u32(32) + T + _u64(9)
-        + _id("node-a") + _id("node-b") + _u64(2)
+        b"secagg/v1/share\0"
+        + _id("c")
+        + _u32(32)
+        + T
+        + _u64(9)
+        + _id("node-a")
+        + _id("node-b")
+        + _u64(2)
     )
     aad = keys.share_aad(
         kind="c", transcript=T, round=9, sender="node-a", receiver="node-b", x=2
@@ -722,8 +766,12 @@ def test_share_aad_bad_argument_raises(
     kwargs: dict[str, object], error: type[Exception]
 ) -> None:
     base: dict[str, object] = {
-        "kind": "b", "transcript": T, "round": 1,
-        "sender": "u", "receiver": "v", "x": 1,
+        "kind": "b",
+        "transcript": T,
+        "round": 1,
+        "sender": "u",
+        "receiver": "v",
+        "x": 1,
     }
     with pytest.raises(error):
         keys.share_aad(**{**base, **kwargs})  # type: ignore[arg-type]
@@ -733,4 +781,3 @@ def test_share_aad_kind_c_and_b_differ() -> None:
     c = keys.share_aad(kind="c", transcript=T, round=1, sender="u", receiver="v", x=1)
     b = keys.share_aad(kind="b", transcript=T, round=1, sender="u", receiver="v", x=1)
     assert c != b
-

@@ -298,8 +298,16 @@ def test_combine_bad_parameters_raise(
         (bytes(16), 1.5, [1], TypeError),
     ],
     ids=[
-        "empty", "66-bytes", "str", "t-0", "t-above-n", "dup-x", "x-0", "x-big",
-        "x-bool", "t-float",
+        "empty",
+        "66-bytes",
+        "str",
+        "t-0",
+        "t-above-n",
+        "dup-x",
+        "x-0",
+        "x-big",
+        "x-bool",
+        "t-float",
     ],
 )
 def test_split_bad_arguments_raise(
@@ -365,8 +373,14 @@ def test_share_repr_hides_y() -> None:
 
 @pytest.mark.parametrize(
     ("x", "y", "error"),
-    [(0, 1, ValueError), (2**64, 1, ValueError), (1, PRIME, ValueError),
-     (1, -1, ValueError), (True, 1, TypeError), (1, 1.0, TypeError)],
+    [
+        (0, 1, ValueError),
+        (2**64, 1, ValueError),
+        (1, PRIME, ValueError),
+        (1, -1, ValueError),
+        (True, 1, TypeError),
+        (1, 1.0, TypeError),
+    ],
     ids=["x-0", "x-big", "y-p", "y-neg", "x-bool", "y-float"],
 )
 def test_share_out_of_range_raises(x: int, y: int, error: type[Exception]) -> None:

@@ -16,6 +16,13 @@ import time
 import numpy as np
 import pytest
 
+from mpc_runtime.messages import (
+    RefusalReason,
+    Refused,
+    RoundRequest,
+    SetupRequest,
+    StreamSpec,
+)
 from secagg import (
     ClippingWarning,
     ConfigError,
@@ -24,16 +31,9 @@ from secagg import (
     ShapeMismatch,
     ThresholdError,
 )
-from mpc_runtime.messages import (
-    RefusalReason,
-    Refused,
-    RoundRequest,
-    SetupRequest,
-    StreamSpec,
-)
 from secagg.node import DRIVER_CONTEXT
 
-from ._service_support import C, NODES3, WAIT, bound, check_result
+from ._service_support import NODES3, WAIT, C, bound, check_result
 
 # ------------------------------------------------------------------- no daemons
 

@@ -32,10 +32,15 @@ def _key(label: str) -> bytes:
 
 def _words(key: bytes, offset: int, n: int, ring: int) -> list[int]:
     size = ring // 8
-    raw = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(
-        bytes((offset + n) * size)
+    raw = (
+        Cipher(algorithms.AES(key), modes.CTR(bytes(16)))
+        .encryptor()
+        .update(bytes((offset + n) * size))
     )
-    return [int.from_bytes(raw[i * size : (i + 1) * size], "little") for i in range(offset, offset + n)]
+    return [
+        int.from_bytes(raw[i * size : (i + 1) * size], "little")
+        for i in range(offset, offset + n)
+    ]
 
 
 def _quantize(x: float, c: float, bits: int) -> int:
@@ -44,7 +49,15 @@ def _quantize(x: float, c: float, bits: int) -> int:
     return int(min(round((min(max(x, -c), c) + c) * s), top))
 
 
-def _record(ring: int, bits: int, c: float, xs: list[float], add: list[str], sub: list[str], offset: int) -> str:
+def _record(
+    ring: int,
+    bits: int,
+    c: float,
+    xs: list[float],
+    add: list[str],
+    sub: list[str],
+    offset: int,
+) -> str:
     mod = 1 << ring
     adds = [_key(a) for a in add]
     subs = [_key(b) for b in sub]
@@ -80,8 +93,22 @@ def _record(ring: int, bits: int, c: float, xs: list[float], add: list[str], sub
 
 def main() -> None:
     c = 3.0
-    edge = [0.0, -0.0, 3.0, -3.0, 3.0000000000000004, -3.5, 1e300, -1e300, 5e-324,
-            1.5, -1.5, 0.1, 2.9999999999999996, 1.0 / 3.0]
+    edge = [
+        0.0,
+        -0.0,
+        3.0,
+        -3.0,
+        3.0000000000000004,
+        -3.5,
+        1e300,
+        -1e300,
+        5e-324,
+        1.5,
+        -1.5,
+        0.1,
+        2.9999999999999996,
+        1.0 / 3.0,
+    ]
     ramp = [((i * 37) % 101 - 50) / 12.5 for i in range(41)]  # 41: not a SIMD multiple
     records = [
         _record(32, 31, c, edge, [], [], 0),
@@ -96,7 +123,9 @@ def main() -> None:
         "# tests/vectors/generate_mask_vectors.py from Python floats and cryptography's\n"
         "# AES-128-CTR; see that file for the fields. Do not edit by hand.\n\n"
     )
-    Path(__file__).with_name("mask_vectors.txt").write_text(header + "\n\n".join(records) + "\n")
+    Path(__file__).with_name("mask_vectors.txt").write_text(
+        header + "\n\n".join(records) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def use_implementation(name: str) -> ModuleType:
 
 
 @pytest.fixture(params=ALL_IMPLEMENTATIONS)
-def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def implementation(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
     """Run the test with ``masking``'s public functions bound to each implementation."""
     module = use_implementation(request.param)
     monkeypatch.setattr(masking, "_impl", module)
@@ -46,7 +48,14 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     _restore()
 
 
-@pytest.fixture(params=NATIVE_VARIANTS or [pytest.param("none", marks=pytest.mark.skip(reason="no native variant runs here"))])
+@pytest.fixture(
+    params=NATIVE_VARIANTS
+    or [
+        pytest.param(
+            "none", marks=pytest.mark.skip(reason="no native variant runs here")
+        )
+    ]
+)
 def native_variant(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
     """The compiled module with one variant selected (restored afterwards)."""
     module = use_implementation(request.param)
