@@ -6,7 +6,8 @@ Wire format (STYLE §6): a ZeroMQ multipart message ``[header, *payloads]``.
 *fields]`` packed with ``use_bin_type=True``; ids and names are msgpack str,
 keys/signatures/boxes msgpack bin, floats float64. Vectors (the weights of a
 :class:`~mpc_runtime.messages.RoundRequest`, the masked vectors of a
-:class:`~mpc_runtime.messages.MaskedInput`) never travel inside msgpack: each is
+:class:`~mpc_runtime.messages.MaskedInput`, the tensors of a
+:class:`~mpc_runtime.messages.ClearUpdate`) never travel inside msgpack: each is
 one payload frame holding the array's little-endian bytes, in the order the
 header lists them, sent as a ``memoryview`` without copying.
 
@@ -29,6 +30,8 @@ SURVIVORS          [node...]
 SURVIVOR_SIG       [node...], signature
 UNMASK_REQUEST     [node...], [[node, signature]...]
 UNMASK_SHARES      {node: share}, {node: share}   (b-shares, then c-shares)
+CLEAR_UPDATE       samples, [[tensor, dtype, [dim...]]...];
+                   one frame per tensor
 REFUSED            reason, [field...]
 ABORT              reason
 =================  ===================================================================
@@ -60,6 +63,7 @@ from .messages import (
     TENSOR_DTYPES,
     Abort,
     AbortReason,
+    ClearUpdate,
     ContextAdvert,
     ContextAdvertEntry,
     ContextAdverts,
@@ -134,6 +138,15 @@ def _sorted_items(mapping: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return sorted(mapping.items(), key=lambda kv: kv[0].encode("utf-8"))
 
 
+def _tensor_specs(tensors: Sequence[Tensor]) -> list[list[Any]]:
+    """Header entries ``[[tensor, dtype, [dim...]]...]`` (read by :func:`_tensors`)."""
+    return [[t.name, t.data.dtype.name, list(t.data.shape)] for t in tensors]
+
+
+def _tensor_frames(tensors: Sequence[Tensor]) -> list[memoryview]:
+    return [_raw_frame(t.data, _LE_DTYPES[t.data.dtype.name]) for t in tensors]
+
+
 def _fields_of(msg: Message) -> tuple[list[Any], list[memoryview]]:
     """Return the type-specific header fields and payload frames of ``msg``."""
     if isinstance(msg, SetupRequest):
@@ -156,16 +169,13 @@ def _fields_of(msg: Message) -> tuple[list[Any], list[memoryview]]:
     if isinstance(msg, TranscriptSigs):
         return [[[s.node, s.transcript, s.signature] for s in msg.signatures]], []
     if isinstance(msg, RoundRequest):
-        frames = [
-            _raw_frame(t.data, _LE_DTYPES[t.data.dtype.name]) for t in msg.weights
-        ]
         return [
             msg.kind,
             msg.name,
             canonical_args(msg.args),
-            [[t.name, t.data.dtype.name, list(t.data.shape)] for t in msg.weights],
+            _tensor_specs(msg.weights),
             [[s.name, list(s.shape)] for s in msg.streams],
-        ], frames
+        ], _tensor_frames(msg.weights)
     if isinstance(msg, RoundAdvert):
         return [
             msg.mask_key,
@@ -199,6 +209,8 @@ def _fields_of(msg: Message) -> tuple[list[Any], list[memoryview]]:
             dict(_sorted_items(msg.b_shares)),
             dict(_sorted_items(msg.c_shares)),
         ], []
+    if isinstance(msg, ClearUpdate):
+        return [msg.samples, _tensor_specs(msg.tensors)], _tensor_frames(msg.tensors)
     if isinstance(msg, Refused):
         return [int(msg.reason), list(msg.fields)], []
     if isinstance(msg, Abort):
@@ -324,6 +336,40 @@ def _payload(frame: Any, nbytes: int, what: str) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
+def _tensors(
+    specs: list[Any], payloads: Sequence[Any], what: str
+) -> tuple[Tensor, ...]:
+    """Decode ``[[tensor, dtype, [dim...]]...]`` and one raw frame per tensor.
+
+    Each tensor's element count and byte length are checked from the header's
+    dtype and shape before its frame is looked at; the frame must then be exactly
+    that long.
+    """
+    if len(specs) != len(payloads):
+        raise ValueError(f"expected {len(specs)} {what} frames, got {len(payloads)}")
+    tensors = []
+    for item, frame in zip(specs, payloads):
+        tname, dtype_name, shape_raw = _array(item, "tensor", 3)
+        dtype_name = _str(dtype_name, "dtype")
+        if dtype_name not in _LE_DTYPES:
+            raise ValueError("expected a known tensor dtype")
+        dtype = _LE_DTYPES[dtype_name]
+        shape = _shape(shape_raw, "tensor")
+        count = math.prod(shape)
+        if count > MAX_WORDS:
+            raise ValueError("expected a tensor of at most MAX_WORDS elements")
+        nbytes = count * dtype.itemsize
+        if nbytes > MAX_FIELD_BYTES:
+            # DESIGN §3 gives a tensor's bytes a 4-byte length prefix (weights hash).
+            raise ValueError(
+                f"expected a tensor of at most {MAX_FIELD_BYTES} bytes, got {nbytes}"
+            )
+        view = _payload(frame, nbytes, "tensor")
+        data = np.frombuffer(view, dtype=dtype, count=count).reshape(shape)
+        tensors.append(Tensor(name=_str(tname, "tensor name"), data=data))
+    return tuple(tensors)
+
+
 def _decode_setup_request(
     r: _Reader, h: dict[str, Any], payloads: Sequence[Any]
 ) -> Message:
@@ -416,30 +462,9 @@ def _decode_round_request(
         )
     )
     r.done()
-    if len(specs) != len(payloads):
-        raise ValueError(f"expected {len(specs)} weights frames, got {len(payloads)}")
-    weights = []
-    for item, frame in zip(specs, payloads):
-        tname, dtype_name, shape_raw = _array(item, "tensor", 3)
-        dtype_name = _str(dtype_name, "dtype")
-        if dtype_name not in _LE_DTYPES:
-            raise ValueError("expected a known tensor dtype")
-        dtype = _LE_DTYPES[dtype_name]
-        shape = _shape(shape_raw, "tensor")
-        count = math.prod(shape)
-        if count > MAX_WORDS:
-            raise ValueError("expected a tensor of at most MAX_WORDS elements")
-        nbytes = count * dtype.itemsize
-        if nbytes > MAX_FIELD_BYTES:
-            # D_r's weights hash gives each tensor's bytes a 4-byte length prefix.
-            raise ValueError(
-                f"expected a tensor of at most {MAX_FIELD_BYTES} bytes, got {nbytes}"
-            )
-        view = _payload(frame, nbytes, "tensor")
-        data = np.frombuffer(view, dtype=dtype, count=count).reshape(shape)
-        weights.append(Tensor(name=_str(tname, "tensor name"), data=data))
+    weights = _tensors(specs, payloads, "weights")
     return RoundRequest(
-        **h, kind=kind, name=name, args=args, weights=tuple(weights), streams=streams
+        **h, kind=kind, name=name, args=args, weights=weights, streams=streams
     )
 
 
@@ -548,6 +573,17 @@ def _decode_unmask_shares(
     return UnmaskShares(**h, b_shares=b, c_shares=c)
 
 
+def _decode_clear_update(
+    r: _Reader, h: dict[str, Any], payloads: Sequence[Any]
+) -> Message:
+    samples = _int(r.take(), 0, (1 << 63) - 1, "samples")
+    specs = _array(r.take(), "tensors")
+    r.done()
+    return ClearUpdate(
+        **h, samples=samples, tensors=_tensors(specs, payloads, "tensor")
+    )
+
+
 def _decode_refused(r: _Reader, h: dict[str, Any], payloads: Sequence[Any]) -> Message:
     reason = RefusalReason(_int(r.take(), 0, 255, "reason"))
     fields = tuple(_str(f, "field") for f in _array(r.take(), "fields"))
@@ -564,7 +600,9 @@ def _decode_abort(r: _Reader, h: dict[str, Any], payloads: Sequence[Any]) -> Mes
 _Decoder = Callable[[_Reader, dict[str, Any], Sequence[Any]], Message]
 
 #: Types whose messages carry payload frames; all others must arrive as one frame.
-_WITH_PAYLOADS: Final = frozenset({MsgType.ROUND_REQUEST, MsgType.MASKED_INPUT})
+_WITH_PAYLOADS: Final = frozenset(
+    {MsgType.ROUND_REQUEST, MsgType.MASKED_INPUT, MsgType.CLEAR_UPDATE}
+)
 
 _DECODERS: Final[dict[MsgType, _Decoder]] = {
     MsgType.SETUP_REQUEST: _decode_setup_request,
@@ -580,6 +618,7 @@ _DECODERS: Final[dict[MsgType, _Decoder]] = {
     MsgType.SURVIVOR_SIG: _decode_survivor_sig,
     MsgType.UNMASK_REQUEST: _decode_unmask_request,
     MsgType.UNMASK_SHARES: _decode_unmask_shares,
+    MsgType.CLEAR_UPDATE: _decode_clear_update,
     MsgType.REFUSED: _decode_refused,
     MsgType.ABORT: _decode_abort,
 }

@@ -30,6 +30,7 @@ SURVIVORS         14   survivors (S)
 SURVIVOR_SIG      15   survivors (S, echoed), signature
 UNMASK_REQUEST    16   survivors (S), signatures: SurvivorSigEntry (>= t)
 UNMASK_SHARES     17   b_shares: id in S -> share, c_shares: id in P_u^r \\ S -> share
+CLEAR_UPDATE      20   samples, tensors (Tensor..., float32/float64; cleartext only)
 REFUSED           30   reason (RefusalReason), fields (names only, never values)
 ABORT             31   reason (AbortReason)
 =====================  ============================================================
@@ -96,6 +97,7 @@ __all__ = [
     "SurvivorSig",
     "UnmaskRequest",
     "UnmaskShares",
+    "ClearUpdate",
     "Refused",
     "Abort",
     "MESSAGE_CLASSES",
@@ -147,6 +149,8 @@ TENSOR_DTYPES: Final = frozenset(
     }
 )
 _RING_DTYPES: Final = {32: "uint32", 64: "uint64"}
+#: dtypes of a cleartext update's tensors.
+_CLEAR_DTYPES: Final = frozenset({"float32", "float64"})
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 # Stream, tensor, task and plan names: the id alphabet plus "/" and ":" (torch
@@ -171,6 +175,7 @@ class MsgType(IntEnum):
     SURVIVOR_SIG = 15
     UNMASK_REQUEST = 16
     UNMASK_SHARES = 17
+    CLEAR_UPDATE = 20
     REFUSED = 30
     ABORT = 31
 
@@ -565,6 +570,15 @@ def _check_tensors(value: object, what: str, max_len: int) -> None:
         raise ValueError(f"expected {what} with distinct names")
 
 
+def _check_tensor_bytes(value: tuple[Tensor, ...], what: str) -> None:
+    for tensor in value:
+        if tensor.data.nbytes > MAX_FIELD_BYTES:
+            raise ValueError(
+                f"expected {what} tensors of at most {MAX_FIELD_BYTES} bytes, "
+                f"got {tensor.data.nbytes}"
+            )
+
+
 # ------------------------------------------------------------------------ messages
 
 
@@ -685,14 +699,9 @@ class RoundRequest(Message):
         check_name(self.name, "task or plan name")
         _check_args(self.args)
         _check_tensors(self.weights, "weights", MAX_TENSORS)
-        for tensor in self.weights:
-            if tensor.data.nbytes > MAX_FIELD_BYTES:
-                # The weights hash (part of D_r) prefixes each tensor's bytes with
-                # a 4-byte length: a larger tensor cannot be hashed.
-                raise ValueError(
-                    f"expected weights tensors of at most {MAX_FIELD_BYTES} bytes, "
-                    f"got {tensor.data.nbytes}"
-                )
+        # The weights hash (part of D_r) prefixes each tensor's bytes with a 4-byte
+        # length: a larger tensor cannot be hashed.
+        _check_tensor_bytes(self.weights, "weights")
         if not isinstance(self.streams, tuple):
             raise TypeError(
                 f"expected streams as a tuple, got {_type_name(self.streams)}"
@@ -839,6 +848,33 @@ class UnmaskShares(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClearUpdate(Message):
+    """Node -> researcher: trained weights in the clear and the sample count.
+
+    Cleartext training only (``Experiment(secagg=False)``): it travels under the
+    drivers' all-zero context id and no protocol machine ever accepts it. Values
+    are not checked for finiteness here (the receiver checks them).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.CLEAR_UPDATE
+    samples: int
+    tensors: tuple[Tensor, ...]
+
+    def _check(self) -> None:
+        _check_int(self.samples, "samples", 0, (1 << 63) - 1)
+        _check_tensors(self.tensors, "tensors", MAX_STREAMS)
+        if not self.tensors:
+            raise ValueError(f"expected 1 to {MAX_STREAMS} tensors, got 0")
+        for tensor in self.tensors:
+            if tensor.data.dtype.name not in _CLEAR_DTYPES:
+                raise TypeError(
+                    f"expected float32 or float64 tensors, got {tensor.data.dtype.name}"
+                )
+        # Same bound as ROUND_REQUEST's weights, which these tensors come back as.
+        _check_tensor_bytes(self.tensors, "tensors")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Refused(Message):
     """Node -> researcher: a refusal, its reason code, the names of what differed."""
 
@@ -892,6 +928,7 @@ AnyMessage = Union[
     SurvivorSig,
     UnmaskRequest,
     UnmaskShares,
+    ClearUpdate,
     Refused,
     Abort,
 ]
@@ -913,6 +950,7 @@ MESSAGE_CLASSES: Final[Mapping[MsgType, type[Message]]] = {
         SurvivorSig,
         UnmaskRequest,
         UnmaskShares,
+        ClearUpdate,
         Refused,
         Abort,
     )

@@ -421,8 +421,17 @@ def _read_frames(
 # ---------------------------------------------------------------------- endpoints
 
 
+#: Keys of :attr:`_Endpoint.traffic`.
+_TRAFFIC_KEYS: Final = (
+    "sent_bytes",
+    "sent_messages",
+    "received_bytes",
+    "received_messages",
+)
+
+
 class _Endpoint:
-    """What both endpoints share: options, drop counters, deadlines, sending."""
+    """What both endpoints share: options, drop and traffic counters, sending."""
 
     _socket: zmq.Socket[Any]
 
@@ -444,6 +453,16 @@ class _Endpoint:
         self.log = log or logger
         #: Dropped messages by reason (tests and metrics read it).
         self.drops: collections.Counter[str] = collections.Counter()
+        #: Messages and bytes this endpoint moved: ``sent_bytes``, ``sent_messages``
+        #: (counted when ``send`` returns ``True``), ``received_bytes``,
+        #: ``received_messages`` (counted when ``recv`` returns the message; drops
+        #: are not counted). Bytes are this transport's frames: the chunk envelope
+        #: plus the chunks, i.e. the logical frames of :func:`framing.encode`. The
+        #: ROUTER's routing-id frame, ZMTP framing, CURVE overhead and TCP/IP
+        #: headers are not counted.
+        self.traffic: collections.Counter[str] = collections.Counter(
+            dict.fromkeys(_TRAFFIC_KEYS, 0)
+        )
         self._closed = False
 
     @property
@@ -459,9 +478,13 @@ class _Endpoint:
             level, "dropped message reason=%s peer=%s %s", reason, peer, detail
         )
 
-    def _send_parts(self, parts: list[Any]) -> None:
+    def _send_parts(self, parts: list[Any], routing_id: bytes | None = None) -> None:
+        """Send ``[routing_id, *parts]`` and count ``parts`` once all are queued."""
+        if routing_id is not None:
+            self._socket.send(routing_id, zmq.SNDMORE)
         threshold = self.options.copy_threshold
         last = len(parts) - 1
+        sent = 0
         for i, part in enumerate(parts):
             nbytes = memoryview(part).nbytes
             self._socket.send(
@@ -469,6 +492,16 @@ class _Endpoint:
                 zmq.SNDMORE if i < last else 0,
                 copy=nbytes < threshold,
             )
+            sent += nbytes
+        self.traffic["sent_messages"] += 1
+        self.traffic["sent_bytes"] += sent
+
+    def _count_received(self, envelope: zmq.Frame, frames: list[Any]) -> None:
+        """Count an accepted message: its envelope plus its reassembled frames."""
+        self.traffic["received_messages"] += 1
+        self.traffic["received_bytes"] += len(envelope) + sum(
+            memoryview(f).nbytes for f in frames
+        )
 
     def _decode(self, frames: list[Any], peer: str) -> Message | None:
         try:
@@ -694,7 +727,7 @@ class ResearcherEndpoint(_Endpoint):
             self.log.debug("send refused: not routable peer=%s", node_id)
             return False
         try:
-            self._send_parts([node_id.encode("utf-8"), *parts])
+            self._send_parts(parts, routing_id=node_id.encode("utf-8"))
         except zmq.Again:
             self.log.warning("send timed out: queue full peer=%s", node_id)
             return False
@@ -794,6 +827,7 @@ class ResearcherEndpoint(_Endpoint):
         with self._lock:
             if sender in self._by_id:
                 self._bound.add(sender)
+        self._count_received(envelope, frames)
         self.log.debug(
             "received type=%s round=%d peer=%s frames=%d",
             msg.TYPE.name,
@@ -1023,6 +1057,7 @@ class NodeEndpoint(_Endpoint):
             return None
         msg = self._decode(frames, "researcher")
         if msg is not None:
+            self._count_received(envelope, frames)
             self.log.debug(
                 "received type=%s round=%d peer=researcher frames=%d",
                 msg.TYPE.name,

@@ -20,6 +20,7 @@ from mpc_runtime.errors import (
 )
 from mpc_runtime.masking import ClipStats
 
+from .experiment import Experiment
 from .secure_aggregation import SecureAggregation, SumResult
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ClippingWarning",
     "ConfigError",
     "ContextMismatch",
+    "Experiment",
     "MalformedMessage",
     "PhaseTimeout",
     "PolicyRefused",

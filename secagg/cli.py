@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
 from mpc_runtime.errors import ConfigError
@@ -27,10 +27,6 @@ _EXIT_USAGE = 2
 
 class _UsageError(Exception):
     """A usage error, raised instead of argparse's print-and-exit."""
-
-
-class _NotImplementedCommand(Exception):
-    """A command DESIGN §1 names that this version does not provide yet."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,13 +100,6 @@ def _node_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise _NotImplementedCommand(f"'{name}' is not yet implemented")
-
-    return run
-
-
 def _parser() -> argparse.ArgumentParser:
     from mpc_runtime import __version__
 
@@ -165,9 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     ns.add_argument("--dir", required=True, help="node directory N")
     ns.set_defaults(run=_node_start)
 
-    d = roles.add_parser("demo", help="researcher + nodes on loopback (not yet)")
-    d.add_argument("--out", default=".", help="where to write secagg-demo.png")
-    d.set_defaults(run=_not_yet("demo"))
+    from . import demo
+
+    d = roles.add_parser(
+        "demo",
+        help="researcher + node daemons on loopback: secure vs cleartext training",
+    )
+    demo.add_arguments(d)
+    d.set_defaults(run=demo.run)
     return p
 
 
@@ -219,9 +213,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except _UsageError as e:
         print(f"secagg: error: {e} (see secagg --help)", file=sys.stderr)
-        return _EXIT_USAGE
-    except _NotImplementedCommand as e:
-        print(f"secagg: error: {e}", file=sys.stderr)
         return _EXIT_USAGE
     except ConfigError as e:
         print(f"secagg: error: {e}", file=sys.stderr)

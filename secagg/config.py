@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import tomllib
@@ -42,7 +43,11 @@ _MAX_TOML_BYTES: Final = 1 << 20
 _HEADER: Final = (
     "# secagg node configuration (DESIGN §1). Restart the node daemon after editing.\n"
     '# [tasks]: name = "module:function", called as f(args) -> float array; the\n'
-    "# node directory comes first on the import path.\n\n"
+    "# node directory comes first on the import path.\n"
+    '# [plans]: name = "module:Class", a TrainingPlan this node agrees to train,\n'
+    '# e.g. mlp = "secagg.plans:MLPPlan".\n'
+    '# [data]: train = {kind = "npz", path = "train.npz"} (or "csv", "synthetic"):\n'
+    "# the local training data; a [data] entry named after a plan overrides it.\n\n"
 )
 
 
@@ -134,6 +139,33 @@ def _refs(value: object, table: str, attr: str) -> Mapping[str, str]:
                 f'expected {table}.{name} = "module:{attr}", got {ref!r:.200}'
             )
     return MappingProxyType(dict(value))
+
+
+def import_reference(reference: str, what: str) -> object:
+    """Import ``"module:attr"`` (a ``[tasks]`` or ``[plans]`` entry) and return it.
+
+    Raises
+    ------
+    ConfigError
+        The reference is malformed, the module cannot be imported (any exception:
+        it is the operator's code; only its type is reported, its text may hold
+        data), or the attribute is missing.
+    """
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"expected a {what} as 'module:name', got {reference!r:.200}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ConfigError(
+            f"cannot import {what} module {module_name!r}: {type(e).__name__}"
+        ) from None
+    value: object = module
+    for part in attr.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            raise ConfigError(f"{reference!r}: no {attr!r} in {module_name!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)

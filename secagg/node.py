@@ -9,11 +9,10 @@ the cryptography and keeps the durable state in a
 
 Driver messages
 ---------------
-Besides the protocol, the daemon and :class:`secagg.SecureAggregation` exchange
-two kinds of *driver* messages. They reuse existing message types (so the wire
-format and ``PROTOCOL_VERSION`` are unchanged) under the all-zero context id
-:data:`DRIVER_CONTEXT`, which no real context can have (a context id is a
-SHA-256 output), and never reach a protocol machine:
+Besides the protocol, the daemon and the researcher exchange *driver* messages
+under the all-zero context id :data:`DRIVER_CONTEXT`, which no real context can
+have (a context id is a SHA-256 output); they never reach a protocol machine
+(docs/service.md, "Driver messages"):
 
 - **hello**: on start, after every (re)connection and every ``hello_interval``
   seconds, the node sends ``REFUSED(reason=NOT_READY, fields=("hello",))``. The
@@ -25,6 +24,17 @@ SHA-256 output), and never reach a protocol machine:
   ``REFUSED(reason=NOT_READY, fields=("shape", "d<dim>", ...))``, or a refusal
   with reason ``POLICY``/``INPUT`` if it will not or cannot. The shape of a task's
   output is treated as public: the sum reveals it anyway.
+- **cleartext training**: ``ROUND_REQUEST(kind="plan", ...)``. The node trains
+  (as in a secure round) and answers ``CLEAR_UPDATE`` with its weights, loss and
+  sample count in the clear, unless its policy is ``require`` (``POLICY``).
+
+Training plans
+--------------
+A ``kind="plan"`` round request (secure or cleartext) names a plan of this node's
+``[plans]`` table; the node builds the plan's model from the request's
+``training_args``, loads the request's weights into it, trains on its ``[data]``
+(the entry named after the plan, else ``train``) and returns the flattened
+weights and its mean training loss (streams ``weights`` and ``loss``).
 
 Fault injection (test-only)
 ---------------------------
@@ -48,8 +58,8 @@ Never set it in production.
 
 from __future__ import annotations
 
-import importlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -65,19 +75,29 @@ import zmq
 
 from mpc_runtime.errors import ConfigError, PolicyRefused
 from mpc_runtime.messages import (
+    ClearUpdate,
     Message,
     MsgType,
     RefusalReason,
     Refused,
     RoundRequest,
     SetupRequest,
+    Tensor,
     canonical_args,
 )
 from mpc_runtime.protocol.node import Node
 from mpc_runtime.transport import NodeEndpoint, TransportOptions
 
-from . import files
-from .config import NodeConfig
+from . import files, tensors
+from .config import NodeConfig, import_reference
+from .data import load_arrays
+from .plans import (
+    LOSS_STREAM,
+    WEIGHTS_STREAM,
+    TrainingPlan,
+    resolve_plan,
+    run_local_update,
+)
 from .store import FileNodeStore
 
 __all__ = [
@@ -115,6 +135,15 @@ _FAULT_PHASES: Final[Mapping[str, MsgType]] = {
     "survivors": MsgType.SURVIVOR_SIG,
     "reveal": MsgType.UNMASK_SHARES,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class _Update:
+    """One local training update: the flattened weights, mean loss, sample count."""
+
+    weights: np.ndarray
+    loss: float
+    samples: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,23 +196,9 @@ def resolve_task(reference: str) -> Any:
         The reference is malformed, the module cannot be imported, or the
         attribute is missing or not callable.
     """
-    module_name, sep, attr = reference.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"expected a task as 'module:function', got {reference!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        # The module is the operator's code: any import failure is a config error.
-        raise ConfigError(
-            f"cannot import task module {module_name!r}: {type(e).__name__}"
-        ) from None
-    func: Any = module
-    for part in attr.split("."):
-        func = getattr(func, part, None)
-        if func is None:
-            break
-    if func is None or not callable(func):
-        raise ConfigError(f"{reference!r}: no callable {attr!r} in {module_name!r}")
+    func = import_reference(reference, "task")
+    if not callable(func):
+        raise ConfigError(f"{reference!r} is not callable")
     return func
 
 
@@ -257,9 +272,14 @@ class NodeDaemon:
         elif self._fault is not None:
             self.log.warning("test fault injection armed: %s=%s", FAULT_ENV, raw_fault)
         self._cache: dict[tuple[str, bytes], tuple[float, np.ndarray]] = {}
+        self._datasets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         # DESIGN §1: the node directory comes first on the import path for tasks.
         if str(self.directory) not in sys.path:
             sys.path.insert(0, str(self.directory))
+        # Plans are resolved now, so a bad [plans] entry stops the daemon at start.
+        self._plans: dict[str, type[TrainingPlan]] = {
+            name: resolve_plan(ref) for name, ref in self.config.plans.items()
+        }
         self.store = FileNodeStore(self.directory)
         try:
             self.node = Node(
@@ -314,12 +334,106 @@ class NodeDaemon:
         return self._run_task(name, args)
 
     def _inputs(self, request: RoundRequest) -> dict[str, np.ndarray]:
-        if request.kind != "task":
-            raise PolicyRefused("training plans are not served by this daemon yet")
+        if request.kind == "plan":
+            record = self.store.load_context(request.context_id)
+            cap = getattr(record, "clipping_range", None)
+            update = self._train(request)
+            loss = update.loss if cap is None else min(update.loss, cap)
+            return {WEIGHTS_STREAM: update.weights, LOSS_STREAM: np.array([loss])}
         if len(request.streams) != 1:
             raise PolicyRefused("a task round has exactly one stream")
         x = self._cached_or_run(request.name, request.args)
         return {request.streams[0].name: x}
+
+    # ------------------------------------------------------------------ plans
+
+    def _data(self, plan: str) -> tuple[np.ndarray, np.ndarray]:
+        """The ``[data]`` entry named after the plan, else ``[data] train``."""
+        key = plan if plan in self.config.data else "train"
+        spec = self.config.data.get(key)
+        if spec is None:
+            raise ConfigError(
+                f"no training data: node.toml needs [data] {plan} or [data] train"
+            )
+        cached = self._datasets.get(key)
+        if cached is None:
+            cached = load_arrays(spec, self.directory)
+            self._datasets[key] = cached
+        return cached
+
+    def _train(self, request: RoundRequest) -> _Update:
+        """Run one local update of ``request``'s plan on this node's data.
+
+        Raises
+        ------
+        PolicyRefused
+            The plan is not in this node's ``[plans]``.
+        ConfigError
+            Bad plan, training_args, weights or data (names and shapes only).
+        ValueError
+            Training diverged (non-finite weights or loss).
+        """
+        plan_cls = self._plans.get(request.name)
+        if plan_cls is None:
+            raise PolicyRefused(f"plan {request.name!r} is not offered by this node")
+        plan = plan_cls.from_training_args(request.args)
+        try:
+            global_weights = tensors.from_wire(
+                request.weights, plan.model().state_dict()
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        X, y = self._data(request.name)
+        started = time.monotonic()
+        state, metrics = run_local_update(plan, global_weights, X, y, request.args)
+        vector, _ = tensors.flatten(state)
+        loss = float(metrics["loss"])
+        if not (math.isfinite(loss) and np.isfinite(vector).all()):
+            raise ValueError("training diverged: non-finite loss or weights")
+        self.log.info(
+            "round=%d plan=%s trained %d update(s) in %.2fs",
+            request.round,
+            request.name,
+            int(metrics["num_updates"]),
+            time.monotonic() - started,
+        )
+        return _Update(vector, loss, int(metrics["n_samples"]))
+
+    def _clear_update(self, msg: RoundRequest) -> Message:
+        """Answer a cleartext training request (``Experiment(secagg=False)``)."""
+        refusal: tuple[RefusalReason, str] | None = None
+        try:
+            if self.config.policy == "require":
+                raise PolicyRefused("this node's policy requires secure aggregation")
+            update = self._train(msg)
+        except PolicyRefused as e:
+            refusal = (RefusalReason.POLICY, "policy")
+            self.log.warning("plan=%s cleartext round refused: %s", msg.name, e)
+        except ConfigError as e:
+            # Our own messages: names, dtypes and shapes, never values.
+            refusal = (RefusalReason.INPUT, "plan")
+            self.log.error("plan=%s cannot train: %s", msg.name, e)
+        except Exception as e:
+            refusal = (RefusalReason.INPUT, "plan")
+            self.log.error("plan=%s training failed: %s", msg.name, type(e).__name__)
+        if refusal is not None:
+            return Refused(
+                context_id=DRIVER_CONTEXT,
+                round=msg.round,
+                sender=self.id,
+                reason=refusal[0],
+                fields=(refusal[1],),
+            )
+        return ClearUpdate(
+            context_id=DRIVER_CONTEXT,
+            round=msg.round,
+            sender=self.id,
+            samples=update.samples,
+            tensors=(
+                Tensor(name=WEIGHTS_STREAM, data=update.weights),
+                Tensor(name=LOSS_STREAM, data=np.array([update.loss])),
+            ),
+        )
 
     # ---------------------------------------------------------------- driver
 
@@ -338,8 +452,6 @@ class NodeDaemon:
         reason = RefusalReason.NOT_READY
         fields: tuple[str, ...]
         try:
-            if msg.kind != "task":
-                raise PolicyRefused("training plans are not served yet")
             x = self._run_task(msg.name, msg.args)
             now = time.monotonic()
             key = (msg.name, canonical_args(msg.args))
@@ -368,6 +480,8 @@ class NodeDaemon:
     def handle(self, msg: Message, now: float) -> list[Message]:
         """Process one message from the researcher; return the replies."""
         if msg.context_id == DRIVER_CONTEXT:
+            if isinstance(msg, RoundRequest) and msg.kind == "plan":
+                return [self._clear_update(msg)]
             if isinstance(msg, RoundRequest):
                 return [self._answer_query(msg)]
             self.log.debug("ignored driver message type=%s", msg.TYPE.name)
@@ -410,6 +524,24 @@ class NodeDaemon:
             context.destroy(linger=_FAULT_LINGER_MS)
         os._exit(FAULT_EXIT_CODE)
 
+    def _preload_torch(self) -> None:
+        """Import torch before connecting when this node trains plans.
+
+        Importing torch takes seconds; done at the first round, it would eat that
+        round's phase deadline. The daemon says hello only after this, so the
+        researcher's wait for nodes to connect covers it.
+        """
+        if not self._plans:
+            return
+        try:
+            import torch
+        except ImportError:
+            raise ConfigError(
+                "node.toml has [plans] but torch is not installed: "
+                "pip install 'secagg[train]'"
+            ) from None
+        torch.set_num_threads(1)  # As run_local_update does (secagg.plans).
+
     def run(self, stop: threading.Event, *, poll: float = 0.1) -> None:
         """Serve until ``stop`` is set; then close the endpoint and the store."""
         # Only an armed test fault needs its own context (to flush before exiting).
@@ -417,6 +549,7 @@ class NodeDaemon:
             zmq.Context() if self._fault is not None else None
         )
         try:
+            self._preload_torch()
             with NodeEndpoint(
                 self.config.researcher,
                 self.id,

@@ -46,14 +46,22 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "LOSS_STREAM",
     "LOOP_DEFAULTS",
+    "WEIGHTS_STREAM",
     "MLPPlan",
     "TrainingPlan",
     "get_plan",
     "register_plan",
     "registered_plans",
+    "resolve_plan",
     "run_local_update",
 ]
+
+#: The streams of a training round: the flattened trained weights
+#: (:func:`secagg.tensors.flatten`), and the node's mean training loss, shape (1,).
+WEIGHTS_STREAM: Final = "weights"
+LOSS_STREAM: Final = "loss"
 
 #: The loop keys of ``training_args`` and their defaults (``None``: no default;
 #: exactly one of ``num_updates`` and ``epochs`` must be given).
@@ -358,6 +366,26 @@ def get_plan(name: str) -> type[TrainingPlan]:
             f"unknown training plan {name!r:.200} "
             f"(registered: {', '.join(sorted(_REGISTRY)) or 'none'})"
         ) from None
+
+
+def resolve_plan(reference: str) -> type[TrainingPlan]:
+    """Import a node's ``[plans]`` entry ``"module:Class"`` and return the class.
+
+    Importing the module registers its plans as a side effect, as usual.
+
+    Raises
+    ------
+    ConfigError
+        A malformed reference, a module that fails to import (only the
+        exception's type is reported), or an attribute that is not a
+        :class:`TrainingPlan` subclass.
+    """
+    from .config import import_reference
+
+    cls = import_reference(reference, "plan")
+    if not (isinstance(cls, type) and issubclass(cls, TrainingPlan)):
+        raise ConfigError(f"{reference!r} is not a TrainingPlan subclass")
+    return cls
 
 
 def registered_plans() -> tuple[str, ...]:

@@ -64,6 +64,7 @@ from mpc_runtime.messages import (
     Refused,
     RoundRequest,
     StreamSpec,
+    Tensor,
     check_id,
     check_name,
 )
@@ -74,6 +75,7 @@ from mpc_runtime.protocol.setup import threshold_floor
 from mpc_runtime.transport import ResearcherEndpoint, TransportOptions
 
 from . import files
+from ._link import ResearcherLink
 from .node import DRIVER_CONTEXT
 
 __all__ = ["SecureAggregation", "SumResult"]
@@ -85,7 +87,6 @@ DEFAULT_HOME: Final = "~/.secagg/researcher"
 CONTEXTS_DIR: Final = "contexts"
 #: The one stream of a task round.
 STREAM: Final = "value"
-_POLL: Final = 0.02
 _FORMAT: Final = 1
 
 
@@ -212,14 +213,18 @@ class SecureAggregation:
         self.ring_bits = ring_bits
         self.threshold = threshold
         self.max_colluding_nodes = max_colluding_nodes
+        # An Experiment passes its own endpoint and home (DESIGN §1); remember which
+        # were given so it can fill in the others (secagg.experiment).
+        self._home_given = home is not None
+        self._endpoint_given = endpoint is not None
         self.home = Path(home if home is not None else DEFAULT_HOME).expanduser()
         self._requested_endpoint = endpoint or DEFAULT_ENDPOINT
         self.log = logger or globals()["logger"]
         self._options = options
-        self._keys = files.load_researcher_keys(self.home)
-        #: This researcher's id (from ``researcher.key``; default "researcher").
-        self.researcher_id: str = self._keys.id
-        self._endpoint: ResearcherEndpoint | None = None
+        self._link: ResearcherLink | None = None
+        self._owns_link = True
+        if self._home_given:
+            files.load_researcher_keys(self.home)  # Fail early on bad key files.
         self._servers: dict[str, Server] = {}
         self._current: str | None = None
         self._query = secrets.randbelow(1 << 40) + 1
@@ -227,23 +232,55 @@ class SecureAggregation:
 
     # ------------------------------------------------------------- lifecycle
 
-    def _open(self) -> ResearcherEndpoint:
+    def _get_link(self) -> ResearcherLink:
         if self._closed:
             raise ConfigError("this SecureAggregation is closed")
-        if self._endpoint is None:
-            address = self._requested_endpoint
-            head, sep, port = address.rpartition(":")
-            if sep and port == "0":
-                address = f"{head}:*"
-            self._endpoint = ResearcherEndpoint(
-                address,
-                self._keys.curve_public,
-                self._keys.curve_secret,
-                enrolled=files.load_enrolled(self.home),
+        if self._link is None:
+            self._link = ResearcherLink(
+                self.home,
+                self._requested_endpoint,
                 options=self._options,
-                logger=self.log.getChild("transport"),
+                logger=self.log,
             )
-        return self._endpoint
+        return self._link
+
+    def _open(self) -> ResearcherEndpoint:
+        return self._get_link().open()
+
+    def _share_link(self, link: ResearcherLink) -> None:
+        """Use ``link`` (an Experiment's socket) instead of an own one.
+
+        Raises
+        ------
+        ConfigError
+            This object has its own socket already, or was given an endpoint or
+            home that differs from the Experiment's.
+        """
+        if self._link is not None or self._closed:
+            raise ConfigError(
+                "pass a SecureAggregation to an Experiment before using it"
+            )
+        if self._home_given and self.home.resolve() != link.home.resolve():
+            raise ConfigError(
+                f"SecureAggregation home {self.home} differs from the "
+                f"Experiment's {link.home}"
+            )
+        if self._endpoint_given and self._requested_endpoint != (
+            link.requested_endpoint
+        ):
+            raise ConfigError(
+                f"SecureAggregation endpoint {self._requested_endpoint} differs "
+                f"from the Experiment's {link.requested_endpoint}"
+            )
+        self.home = link.home
+        self._requested_endpoint = link.requested_endpoint
+        self._link = link
+        self._owns_link = False
+
+    @property
+    def researcher_id(self) -> str:
+        """This researcher's id (from ``researcher.key``; default "researcher")."""
+        return self._get_link().researcher_id
 
     @property
     def endpoint(self) -> str:
@@ -251,10 +288,12 @@ class SecureAggregation:
         return self._open().endpoint
 
     def close(self) -> None:
-        """Release the socket. Idempotent; context metadata stays on disk."""
-        if self._endpoint is not None:
-            self._endpoint.close()
-            self._endpoint = None
+        """Release the socket. Idempotent; context metadata stays on disk.
+
+        The socket an Experiment shares is released by the Experiment.
+        """
+        if self._link is not None and self._owns_link:
+            self._link.close()
         self._closed = True
 
     def __enter__(self) -> SecureAggregation:
@@ -266,9 +305,6 @@ class SecureAggregation:
 
     # ---------------------------------------------------------------- driver
 
-    def _is_driver(self, msg: Message) -> bool:
-        return msg.context_id == DRIVER_CONTEXT
-
     def _pump(
         self,
         done: Callable[[], bool],
@@ -278,40 +314,9 @@ class SecureAggregation:
         on_driver: Callable[[str, Message], None] | None = None,
         limit: float,
     ) -> None:
-        """Send, receive and tick until ``done()`` or ``limit`` seconds pass.
-
-        A message to a node that is not routable yet (it has not said hello) stays
-        in ``outbox`` and is retried; whatever is left at the end is dropped.
-        """
-        ep = self._open()
-        end = time.monotonic() + limit
-        while True:
-            if outbox:
-                left = []
-                for item in outbox:
-                    if not ep.is_routable(item.to) or not ep.send(
-                        item.to, item.message
-                    ):
-                        left.append(item)
-                outbox[:] = left
-            if done() or time.monotonic() >= end:
-                return
-            got = ep.recv(_POLL)
-            now = time.monotonic()
-            if got is not None:
-                sender, msg = got
-                if self._is_driver(msg):
-                    if on_driver is not None:
-                        on_driver(sender, msg)
-                elif server is not None:
-                    outbox.extend(server.handle(msg, now))
-            if server is not None:
-                outbox.extend(server.tick(now))
-
-    def _refresh_enrolled(self) -> None:
-        ep = self._open()
-        for node, key in files.load_enrolled(self.home).items():
-            ep.enroll(node, key)
+        self._get_link().pump(
+            done, server=server, outbox=outbox, on_driver=on_driver, limit=limit
+        )
 
     # ----------------------------------------------------------------- setup
 
@@ -429,7 +434,7 @@ class SecureAggregation:
                 self._current = key
                 self.log.info("setup job=%s: valid context reused", job_id)
                 return
-        self._refresh_enrolled()
+        self._get_link().refresh_enrolled()
         missing = [v for v in nodes if v not in self._open().enrolled]
         if missing:
             raise ConfigError(
@@ -442,13 +447,7 @@ class SecureAggregation:
             self._current = None
         # Nodes become routable once they have said hello (secagg.node); give
         # them up to one phase deadline to connect before the setup clock starts.
-        ep = self._open()
-        self._pump(
-            lambda: all(ep.is_routable(v) for v in nodes),
-            server=None,
-            outbox=[],
-            limit=self.timeout,
-        )
+        self._get_link().wait_routable(nodes, self.timeout)
         started = time.monotonic()
         outbox = list(server.start_setup(started))
         self._pump(
@@ -577,7 +576,7 @@ class SecureAggregation:
         """
         if self._current is None:
             raise ConfigError("secure_sum before setup(): call setup() first")
-        server = self._servers[self._current]
+        server = self._current_server()
         args = {} if args is None else args
         if not isinstance(args, Mapping):
             raise ConfigError(f"expected args as a dict, got {type(args).__name__}")
@@ -595,15 +594,71 @@ class SecureAggregation:
             raise ConfigError(f"bad task or args: {e}") from None
         started = time.monotonic()
         shape, absent = self._discover_shape(server, task, args)
-        # The round number is spent (and saved) before the request leaves.
-        r, out = server.start_round(
+        result = self._run_round(
+            server,
             kind="task",
             name=task,
             args=args,
             streams=(StreamSpec(STREAM, shape),),
+            absent=absent,
+        )
+        r = result.round
+        clip = result.clipping[STREAM]
+        out_sum = np.asarray(result.sums[STREAM], dtype=np.float64)
+        res = SumResult(
+            sum=out_sum,
+            mean=np.asarray(result.means[STREAM], dtype=np.float64),
+            contributors=result.contributors,
+            dropped=result.dropped,
+            clipping=clip,
+            round=r,
+        )
+        self.log.info(
+            "round=%d task=%s complete contributors=%d dropped=%d in %.2fs",
+            r,
+            task,
+            len(res.contributors),
+            len(res.dropped),
+            time.monotonic() - started,
+        )
+        if res.dropped:
+            self.log.warning("round=%d dropped=%s", r, ",".join(res.dropped))
+        if clip.clipped:
+            self._warn_clipping(r, task, clip)
+        return res
+
+    def _current_server(self) -> Server:
+        if self._current is None:
+            raise ConfigError("a round before setup(): call setup() first")
+        return self._servers[self._current]
+
+    def _run_round(
+        self,
+        server: Server,
+        *,
+        kind: str,
+        name: str,
+        args: Mapping[str, Any],
+        streams: Sequence[StreamSpec],
+        weights: Sequence[Tensor] = (),
+        absent: Iterable[str] = (),
+    ) -> RoundResult:
+        """Run one secure round to its end; return its result or raise its error.
+
+        ``absent`` nodes are dropouts from the start (they are not asked).
+        """
+        assert self._current is not None
+        # The round number is spent (and saved) before the request leaves.
+        r, out = server.start_round(
+            kind=kind,
+            name=name,
+            args=args,
+            streams=streams,
+            weights=weights,
             now=time.monotonic(),
         )
         self._save(self._current, server)
+        absent = set(absent)
         outbox = [o for o in out if o.to not in absent]
         now = time.monotonic()
         for v in _utf8_sorted(absent):
@@ -630,30 +685,7 @@ class SecureAggregation:
             raise PhaseTimeout(
                 "round did not finish", phase=server.stage.value, round=r
             )
-        result: RoundResult = server.outcome(r)
-        clip = result.clipping[STREAM]
-        out_sum = np.asarray(result.sums[STREAM], dtype=np.float64)
-        res = SumResult(
-            sum=out_sum,
-            mean=np.asarray(result.means[STREAM], dtype=np.float64),
-            contributors=result.contributors,
-            dropped=result.dropped,
-            clipping=clip,
-            round=r,
-        )
-        self.log.info(
-            "round=%d task=%s complete contributors=%d dropped=%d in %.2fs",
-            r,
-            task,
-            len(res.contributors),
-            len(res.dropped),
-            time.monotonic() - started,
-        )
-        if res.dropped:
-            self.log.warning("round=%d dropped=%s", r, ",".join(res.dropped))
-        if clip.clipped:
-            self._warn_clipping(r, task, clip)
-        return res
+        return server.outcome(r)
 
     def _warn_clipping(self, r: int, task: str, clip: ClipTotals) -> None:
         bound = "at least " if clip.saturated else ""

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from mpc_runtime.encoding import encode
+from mpc_runtime.messages import TENSOR_DTYPES, Tensor
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +62,9 @@ __all__ = [
     "TensorEntry",
     "TensorLayout",
     "flatten",
+    "from_wire",
     "layout_digest",
+    "to_wire",
     "unflatten",
 ]
 
@@ -537,3 +540,98 @@ def _check_like(like: Mapping[str, torch.Tensor], layout: TensorLayout) -> None:
                 f"expected like[{name!r}] of dtype {dtype} and shape {list(shape)}, "
                 f"got {got[0]} and {list(got[1])}"
             )
+
+
+def to_wire(state_dict: Mapping[str, torch.Tensor]) -> tuple[Tensor, ...]:
+    """The global model as request weights: one :class:`~mpc_runtime.messages.Tensor`
+    per ``state_dict`` entry, in order.
+
+    The researcher sends its *global* model to the nodes this way (it is not
+    secret from them). bfloat16 tensors travel as float32 (exact; numpy has no
+    bfloat16); every other dtype travels as itself, non-floating buffers included.
+
+    Raises
+    ------
+    ImportError
+        torch is not installed.
+    TypeError, ValueError
+        Not a mapping of tensors, or a dtype the wire cannot carry (complex,
+        float8).
+    """
+    _require_torch()
+    import torch
+
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"expected a mapping, got {type(state_dict).__name__}")
+    out = []
+    for name, tensor in state_dict.items():
+        _check_name(name, "a state_dict key")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"expected a torch.Tensor for {name!r}, got {type(tensor).__name__}"
+            )
+        t = tensor.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.to(torch.float32)
+        if _dtype_name(t.dtype) not in TENSOR_DTYPES:
+            raise ValueError(
+                f"expected {name!r} of a dtype the wire carries "
+                f"({sorted(TENSOR_DTYPES)} or bfloat16), got {_dtype_name(t.dtype)}"
+            )
+        data = t.contiguous().numpy()  # np.ascontiguousarray would make 0-d 1-d.
+        le = data.astype(data.dtype.newbyteorder("<"), copy=False)
+        out.append(Tensor(name=name, data=le))
+    return tuple(out)
+
+
+def from_wire(
+    tensors: Iterable[Tensor], like: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Request weights back into a ``state_dict`` shaped like ``like``.
+
+    Parameters
+    ----------
+    tensors
+        The weights of a round request (:func:`to_wire` on the researcher).
+    like
+        The ``state_dict`` of a fresh model of the same plan: names, shapes and
+        dtypes are taken from it and must match.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        In ``like``'s order, each tensor of ``like``'s dtype, with its own memory.
+
+    Raises
+    ------
+    ValueError
+        Names differ (missing or unexpected ones are listed), a shape differs, or
+        a floating tensor arrives for a non-floating one or the reverse, or an
+        integer buffer arrives with another dtype. Only names, dtypes and shapes
+        are in the message, never values.
+    """
+    _require_torch()
+    import torch
+
+    got = {t.name: t for t in tensors}
+    if set(got) != set(like):
+        missing = sorted(set(like) - set(got))
+        extra = sorted(set(got) - set(like))
+        raise ValueError(
+            f"the weights do not match the model: missing {missing}, unexpected {extra}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in like.items():
+        data = got[name].data
+        if tuple(data.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"expected {name!r} of shape {list(ref.shape)}, got {list(data.shape)}"
+            )
+        want = _dtype_name(ref.dtype)
+        if ref.is_floating_point() != (data.dtype.kind == "f") or (
+            not ref.is_floating_point() and data.dtype.name != want
+        ):
+            raise ValueError(f"expected {name!r} of dtype {want}, got {data.dtype}")
+        piece = np.array(data, dtype=data.dtype.newbyteorder("="), copy=True)
+        out[name] = torch.from_numpy(piece).to(ref.dtype)
+    return out

@@ -26,4 +26,6 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one() -> Non
     assert len(commands) == 2
     marked = text.split("<!-- test-command -->", 1)[1].splitlines()[2]
     assert marked == commands[1] and "pytest" in marked
+    # The first command runs the demo (DESIGN §1), with the extra that it needs.
+    assert commands[0].endswith("secagg demo") and "'.[demo]'" in commands[0]
     assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()

@@ -128,6 +128,16 @@ def _samples() -> dict[m.MsgType, m.Message]:
             b_shares={"node-b": _b(23, 4), "node-a": _b(24, 4)},
             c_shares={"node-c": _b(25, 4)},
         ),
+        m.MsgType.CLEAR_UPDATE: m.ClearUpdate(
+            context_id=bytes(32),  # The drivers' all-zero context id.
+            round=7,
+            sender="node-a",
+            samples=300,
+            tensors=(
+                m.Tensor("fc.weight", np.arange(6, dtype="<f4").reshape(2, 3)),
+                m.Tensor("fc.bias", np.array([0.5, -1.0], dtype="<f8")),
+            ),
+        ),
         m.MsgType.REFUSED: m.Refused(
             **h7,
             sender="node-a",
@@ -257,6 +267,15 @@ GOLDEN: dict[m.MsgType, tuple[str, ...]] = {
             "c40419191919"
         ),
     ),
+    m.MsgType.CLEAR_UPDATE: (
+        (
+            "970114c420000000000000000000000000000000000000000000000000000000000000000007a66e"
+            "6f64652d61cd012c9293a966632e776569676874a7666c6f6174333292020393a766632e62696173"
+            "a7666c6f617436349102"
+        ),
+        "000000000000803f0000004000004040000080400000a040",
+        "000000000000e03f000000000000f0bf",
+    ),
     m.MsgType.REFUSED: (
         (
             "97011ec420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f07a66e"
@@ -337,17 +356,22 @@ def test_decode_unknown_type_raises_malformed():
 
 
 @pytest.mark.parametrize(
+    "msg_type",
+    [m.MsgType.ROUND_REQUEST, m.MsgType.MASKED_INPUT, m.MsgType.CLEAR_UPDATE],
+    ids=lambda t: t.name,
+)
+@pytest.mark.parametrize(
     "mutate",
     [
-        lambda f: f[:1],  # the vector frame is missing
-        lambda f: [f[0], bytes(f[1])[:-1]],  # one byte short
-        lambda f: [f[0], bytes(f[1]) + b"\0"],  # one byte long
-        lambda f: [f[0], f[1], b""],  # an extra frame
+        lambda f: f[:-1],  # the last payload frame is missing
+        lambda f: [f[0], bytes(f[1])[:-1], *f[2:]],  # one byte short
+        lambda f: [f[0], bytes(f[1]) + b"\0", *f[2:]],  # one byte long
+        lambda f: [*f, b""],  # an extra frame
     ],
     ids=["missing", "short", "long", "extra"],
 )
-def test_decode_frame_length_disagreeing_with_header_raises_malformed(mutate):
-    frames = framing.encode(_samples()[m.MsgType.MASKED_INPUT])
+def test_decode_frame_length_disagreeing_with_header_raises_malformed(mutate, msg_type):
+    frames = framing.encode(_samples()[msg_type])
     with pytest.raises(MalformedMessage):
         framing.decode(mutate(frames))
 
@@ -500,6 +524,110 @@ def test_round_request_tensor_over_4_gib_raises_value_error_without_allocating()
         request(1 << 29)  # exactly 4 GiB: one byte too long for the prefix
 
 
+# -------------------------------------------------------------- CLEAR_UPDATE
+
+
+def _clear_update(**changes) -> m.ClearUpdate:
+    fields = dict(
+        context_id=bytes(32),
+        round=1,
+        sender="node-a",
+        samples=10,
+        tensors=(m.Tensor("w", np.ones(3, dtype="<f4")),),
+    )
+    fields.update(changes)
+    return m.ClearUpdate(**fields)
+
+
+def _clear_update_frames(samples, specs, *payloads: bytes) -> list[bytes]:
+    items = [1, 20, bytes(32), 1, "node-a", samples, specs]
+    return [msgpack.packb(items, use_bin_type=True), *payloads]
+
+
+@pytest.mark.parametrize("dtype", ["int32", "uint64", "bool", "float16"])
+def test_clear_update_non_float_dtype_raises_type_error(dtype):
+    with pytest.raises(TypeError, match="expected float32 or float64 tensors"):
+        _clear_update(tensors=(m.Tensor("w", np.zeros(2, dtype=dtype)),))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "uint64", "bool", "float16"])
+def test_decode_clear_update_non_float_dtype_raises_malformed(dtype):
+    nbytes = 2 * np.dtype(dtype).itemsize
+    frames = _clear_update_frames(5, [["w", dtype, [2]]], bytes(nbytes))
+    with pytest.raises(MalformedMessage, match="float32 or float64"):
+        framing.decode(frames)
+
+
+def test_clear_update_duplicate_or_no_tensors_raises_value_error():
+    w = m.Tensor("w", np.ones(2, dtype="<f8"))
+    with pytest.raises(ValueError, match="distinct names"):
+        _clear_update(tensors=(w, m.Tensor("w", np.ones(3, dtype="<f4"))))
+    with pytest.raises(ValueError, match="expected 1 to 4096 tensors, got 0"):
+        _clear_update(tensors=())
+    with pytest.raises(TypeError, match="as a tuple"):
+        _clear_update(tensors=[w])
+
+
+def test_decode_clear_update_duplicate_or_no_tensors_raises_malformed():
+    spec = ["w", "float64", [1]]
+    with pytest.raises(MalformedMessage, match="distinct names"):
+        framing.decode(_clear_update_frames(5, [spec, spec], bytes(8), bytes(8)))
+    with pytest.raises(MalformedMessage, match="got 0"):
+        framing.decode(_clear_update_frames(5, []))
+
+
+@pytest.mark.parametrize(
+    "samples, error",
+    [(-1, ValueError), (1 << 63, ValueError), (True, TypeError), (1.0, TypeError)],
+)
+def test_clear_update_bad_samples_raises(samples, error):
+    with pytest.raises(error, match="expected samples"):
+        _clear_update(samples=samples)
+
+
+@pytest.mark.parametrize("samples", [-1, 1 << 63, True, False, 1.0, "1", None])
+def test_decode_clear_update_bad_samples_raises_malformed(samples):
+    frames = _clear_update_frames(samples, [["w", "float64", [1]]], bytes(8))
+    with pytest.raises(MalformedMessage):
+        framing.decode(frames)
+
+
+def test_clear_update_any_shape_and_nonfinite_values_round_trip():
+    msg = _clear_update(
+        samples=(1 << 63) - 1,
+        tensors=(
+            m.Tensor("scalar", np.array(np.nan, dtype="<f8")),
+            m.Tensor("empty", np.zeros((0, 3), dtype="<f4")),
+            m.Tensor("layer1.0.conv1.weight", np.full((1, 2, 1), np.inf, "<f4")),
+        ),
+    )
+    assert framing.decode(framing.encode(msg)) == msg
+
+
+def test_clear_update_tensor_over_4_gib_raises_value_error_without_allocating():
+    data = np.broadcast_to(np.zeros(1, dtype="<f8"), (1 << 29,))
+    with pytest.raises(ValueError, match=f"at most {_PREFIX_LIMIT} bytes"):
+        _clear_update(tensors=(m.Tensor("w", data),))
+
+
+def test_decode_clear_update_tensor_over_byte_limit_raises_malformed(monkeypatch):
+    frames = _clear_update_frames(5, [["w", "float64", [(1 << 29) + 1]]], b"")
+    with pytest.raises(MalformedMessage, match=f"at most {_PREFIX_LIMIT} bytes"):
+        framing.decode(frames)
+    monkeypatch.setattr(framing, "MAX_FIELD_BYTES", 16)
+    ok = framing.decode(_clear_update_frames(5, [["w", "float64", [2]]], bytes(16)))
+    assert ok.tensors[0].data.nbytes == 16
+    with pytest.raises(MalformedMessage, match="at most 16 bytes, got 24"):
+        framing.decode(_clear_update_frames(5, [["w", "float64", [3]]], bytes(24)))
+
+
+def test_clear_update_tensor_frames_are_zero_copy_views():
+    arr = np.arange(1000, dtype="<f4")
+    frames = framing.encode(_clear_update(tensors=(m.Tensor("w", arr),)))
+    assert isinstance(frames[1], memoryview)
+    assert np.shares_memory(framing.decode(frames).tensors[0].data, arr)
+
+
 def test_byte_string_limits_fit_the_4_byte_length_prefix():
     assert m.MAX_FIELD_BYTES == _PREFIX_LIMIT
     for limit in (
@@ -563,10 +691,8 @@ json_args = st.dictionaries(
 shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)
 
 
-def tensors(names_strategy=names):
-    dtypes = st.sampled_from(sorted(m.TENSOR_DTYPES)).map(
-        lambda d: np.dtype(d).newbyteorder("<")
-    )
+def tensors(names_strategy=names, dtype_names=tuple(sorted(m.TENSOR_DTYPES))):
+    dtypes = st.sampled_from(dtype_names).map(lambda d: np.dtype(d).newbyteorder("<"))
     return st.builds(
         m.Tensor,
         names_strategy,
@@ -697,6 +823,22 @@ def any_message(draw):
         )
     if kind is m.MsgType.UNMASK_SHARES:
         return draw(unmask_shares(header))
+    if kind is m.MsgType.CLEAR_UPDATE:
+        float_tensors = tensors(dtype_names=("float32", "float64"))
+        return m.ClearUpdate(
+            **header,
+            samples=draw(st.integers(0, 2**63 - 1)),
+            tensors=tuple(
+                draw(
+                    st.lists(
+                        float_tensors,
+                        min_size=1,
+                        max_size=3,
+                        unique_by=lambda t: t.name,
+                    )
+                )
+            ),
+        )
     if kind is m.MsgType.REFUSED:
         fields = draw(
             st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True), max_size=3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -209,6 +209,89 @@ def test_transport_recv_nothing_sent_returns_none_at_deadline(net):
     assert res.recv(0.2) is None
     assert node.recv(0.2) is None
     assert time.monotonic() - start < 2.0
+
+
+# ------------------------------------------------------------ traffic counters
+
+
+def wire_bytes(msg: m.Message) -> int:
+    """What the traffic counters count for ``msg``: envelope plus chunks."""
+    return sum(len(f) for f in t._split(msg, OPTS))
+
+
+def traffic(
+    sent: Sequence[m.Message] = (), received: Sequence[m.Message] = ()
+) -> dict[str, int]:
+    return {
+        "sent_bytes": sum(wire_bytes(x) for x in sent),
+        "sent_messages": len(sent),
+        "received_bytes": sum(wire_bytes(x) for x in received),
+        "received_messages": len(received),
+    }
+
+
+def test_transport_traffic_counts_exact_wire_bytes_both_ways_small_and_chunked(net):
+    res = net.researcher()
+    node = net.node(res.endpoint, "node-a")
+    assert res.traffic == node.traffic == traffic()
+    up = [advert("node-a"), masked_input("node-a", words=300_000)]
+    down = [setup_request(), masked_input(R, words=200_000)]
+    assert len(t._split(up[1], OPTS)) - 1 > 10  # Chunked: 19 chunks of 64 KiB.
+    assert len(t._split(down[1], OPTS)) - 1 > 10
+    # Envelope + chunks == envelope + logical frames: chunking adds no bytes.
+    assert wire_bytes(up[1]) == len(t._split(up[1], OPTS)[0]) + sum(
+        memoryview(f).nbytes for f in framing.encode(up[1])
+    )
+
+    for msg in up:
+        assert node.send(msg)
+        assert recv_ok(res) == ("node-a", msg)
+    assert node.traffic == traffic(sent=up)
+    assert res.traffic == traffic(received=up)
+
+    for msg in down:
+        assert res.send("node-a", msg)
+        assert node.recv(WAIT) == msg
+    assert res.traffic == traffic(sent=down, received=up)
+    assert node.traffic == traffic(sent=up, received=down)
+    assert res.dropped == 0 and node.dropped == 0
+
+
+def test_transport_traffic_refused_send_and_dropped_message_not_counted(net):
+    res, node = connected_pair(net)
+    first = [advert("node-a")]
+    assert res.traffic == traffic(received=first)
+    # Refused sends: a node that never spoke, an unknown id, a revoked node.
+    net.node(res.endpoint, "node-b")
+    assert not res.send("node-b", setup_request())
+    assert not res.send("node-z", setup_request())
+    # Dropped on receipt: a spoofed header sender, then a revoked node.
+    node_b = net.node(res.endpoint, "node-b")
+    assert node_b.send(advert("node-a"))
+    serve_until(res, lambda: res.drops["sender"] >= 1)
+    res.revoke("node-a")
+    assert not res.send("node-a", setup_request())
+    assert node.send(advert("node-a", round_=1))
+    serve_until(res, lambda: res.drops["unenrolled"] >= 1)
+    assert res.traffic == traffic(received=first)
+    # What the nodes queued counts on their side: send returned True.
+    assert node.traffic == traffic(sent=[*first, advert("node-a", round_=1)])
+    assert node_b.traffic == traffic(sent=[advert("node-a")])
+
+
+def test_transport_traffic_node_send_timed_out_not_counted(net):
+    # No researcher listens and the queue holds sndhwm = 1 message: a later send
+    # times out and returns False.
+    opts = t.TransportOptions(sndhwm=1, send_timeout=0.2, chunk_size=CHUNK)
+    pub, sec = net.keys["node-a"]
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    with t.NodeEndpoint(
+        endpoint, "node-a", pub, sec, net.researcher_pub, options=opts
+    ) as node:
+        results = [node.send(advert("node-a", round_=i)) for i in range(3)]
+        assert results[0] and not results[-1]
+        queued = [advert("node-a", round_=i) for i, ok in enumerate(results) if ok]
+        assert node.traffic == traffic(sent=queued)
 
 
 # ------------------------------------------------------------ enrollment / ZAP

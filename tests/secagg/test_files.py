@@ -192,10 +192,19 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main([]) == 2
 
 
-@pytest.mark.parametrize("argv", [["demo"]])
-def test_cli_unimplemented_commands_exit_2(capsys, argv):
-    assert main(argv) == 2
-    assert "not yet implemented" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["demo", "--nodes", "1"], "--nodes between 2 and 26"),
+        (["demo", "--rounds", "0"], "--rounds >= 1"),
+        (["demo", "--timeout", "0"], "--timeout > 0"),
+        (["demo", "--out", "/nonexistent/dir"], "not a directory"),
+    ],
+)
+def test_cli_demo_bad_arguments_exit_1_before_starting_anything(capsys, argv, match):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("secagg: error:") and match in err
 
 
 def test_cli_node_start_without_node_files_exits_1(capsys, tmp_path):

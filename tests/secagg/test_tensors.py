@@ -16,12 +16,16 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
+from mpc_runtime import framing  # noqa: E402
+from mpc_runtime.messages import RoundRequest, StreamSpec  # noqa: E402
 from secagg.tensors import (  # noqa: E402 (after the importorskip on purpose)
     ExcludedEntry,
     TensorEntry,
     TensorLayout,
     flatten,
+    from_wire,
     layout_digest,
+    to_wire,
     unflatten,
 )
 
@@ -446,3 +450,49 @@ def test_flatten_without_torch_raises_import_error_with_hint():
     )
     assert run.returncode == 0, run.stderr
     assert "pip install 'secagg[train]'" in run.stdout
+
+
+# ------------------------------------------------------------- request weights
+
+
+def _wire_capable(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if not v.is_complex()}
+
+
+@given(state_dicts())
+def test_to_wire_from_wire_round_trips_bitwise_through_the_decoder(sd):
+    sd = _wire_capable(sd)
+    weights = to_wire(sd)
+    # Through the real codec, as a round request carries them.
+    request = RoundRequest(
+        context_id=bytes(32),
+        round=1,
+        sender="researcher",
+        kind="plan",
+        name="mlp",
+        weights=weights,
+        streams=(StreamSpec("weights", (1,)),),
+    )
+    decoded = framing.decode([bytes(f) for f in framing.encode(request)])
+    like = {k: torch.zeros_like(v) for k, v in sd.items()}
+    assert_same_state(from_wire(decoded.weights, like), sd)
+
+
+def test_to_wire_bfloat16_travels_as_float32_and_complex_is_refused():
+    (t,) = to_wire({"w": torch.tensor([1.5, -2.0], dtype=torch.bfloat16)})
+    assert t.data.dtype == np.float32
+    with pytest.raises(ValueError, match="complex64"):
+        to_wire({"z": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_from_wire_refuses_other_names_shapes_and_kinds_by_name_only():
+    sd = {"a": torch.ones(2, 3), "n": torch.tensor(7)}
+    weights = to_wire(sd)
+    with pytest.raises(ValueError, match=r"missing \['b'\], unexpected \['a'\]"):
+        from_wire(weights, {"b": torch.ones(2, 3), "n": torch.tensor(0)})
+    with pytest.raises(ValueError, match=r"'a' of shape \[3, 2\]"):
+        from_wire(weights, {"a": torch.ones(3, 2), "n": torch.tensor(0)})
+    with pytest.raises(ValueError, match=r"'n' of dtype int32"):
+        from_wire(weights, {"a": torch.ones(2, 3), "n": torch.tensor(0).int()})
+    with pytest.raises(ValueError, match=r"'a' of dtype int64"):
+        from_wire(weights, {"a": torch.ones(2, 3).long(), "n": torch.tensor(0)})
