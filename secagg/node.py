@@ -41,8 +41,9 @@ Fault injection (test-only)
 The environment variable :data:`FAULT_ENV` (``SECAGG_TEST_FAULT``) is for tests
 only: it makes the daemon crash at a chosen point, so tests never race a signal
 against timing. :class:`NodeDaemon` reads it once, when constructed, and ignores
-it (with a warning in the log) unless it parses as ``exit-before:<phase>`` or
-``exit-after:<phase>``, optionally followed by ``:<round>``. ``<phase>`` is a
+it (with a warning in the log) unless it parses as ``exit-before:<phase>``,
+``exit-after:<phase>`` or ``delay-before:<phase>``, optionally followed by
+``:<round>``. ``<phase>`` is a
 step of the node (docs/protocol.md §9): ``advert-e``, ``transcript-sig``,
 ``advert-c`` (alias ``keys``), ``upload``, ``survivors`` or ``reveal``. When the
 daemon is about to send that phase's message (in round ``<round>`` if given, in
@@ -51,7 +52,10 @@ any round otherwise), it calls ``os._exit(86)`` (:data:`FAULT_EXIT_CODE`):
 - ``exit-before``: right before sending, after the step's durable commit, as a
   crash between the commit and the send would;
 - ``exit-after``: right after sending; the daemon first flushes its socket (up to
-  5 s) so the message really left, then exits without closing anything else.
+  5 s) so the message really left, then exits without closing anything else;
+- ``delay-before``: right before sending, the daemon blocks for
+  ``SECAGG_TEST_FAULT_DELAY`` seconds (default 10), then sends and goes on: a
+  node slower than the researcher's phase deadline.
 
 Never set it in production.
 """
@@ -103,6 +107,7 @@ from .store import FileNodeStore
 __all__ = [
     "NodeDaemon",
     "DRIVER_CONTEXT",
+    "FAULT_DELAY_ENV",
     "FAULT_ENV",
     "FAULT_EXIT_CODE",
     "Fault",
@@ -123,6 +128,15 @@ _CACHE_SIZE: Final = 8
 #: Test-only fault injection (module docstring): the variable and the exit status.
 FAULT_ENV: Final = "SECAGG_TEST_FAULT"
 FAULT_EXIT_CODE: Final = 86
+#: Seconds a ``delay-before`` fault blocks the daemon (default 10).
+FAULT_DELAY_ENV: Final = "SECAGG_TEST_FAULT_DELAY"
+_FAULT_ACTIONS: Final[
+    Mapping[str, tuple[Literal["exit", "delay"], Literal["before", "after"]]]
+] = {
+    "exit-before": ("exit", "before"),
+    "exit-after": ("exit", "after"),
+    "delay-before": ("delay", "before"),
+}
 #: How long ``exit-after`` waits for the message to leave the socket (ms).
 _FAULT_LINGER_MS: Final = 5000
 #: The message type a node sends at each of its steps (docs/protocol.md §9).
@@ -154,6 +168,9 @@ class Fault:
     phase: str
     message: MsgType
     round: int | None = None
+    #: ``exit`` (``os._exit(86)``) or ``delay`` (block :data:`FAULT_DELAY_ENV`
+    #: seconds, then send: a node slower than the researcher's deadline).
+    action: Literal["exit", "delay"] = "exit"
 
     def matches(self, msg: Message, when: str) -> bool:
         """Whether sending ``msg`` at ``when`` ("before"/"after") is the fault."""
@@ -166,20 +183,21 @@ class Fault:
 
 
 def parse_fault(value: str | None) -> Fault | None:
-    """Parse ``exit-before|exit-after:<phase>[:<round>]``; None unless it parses."""
+    """Parse ``exit-before|exit-after|delay-before:<phase>[:<round>]``; None unless
+    it parses."""
     if not value:
         return None
     action, _, rest = value.strip().partition(":")
     phase, _, round_text = rest.partition(":")
-    if action not in ("exit-before", "exit-after") or phase not in _FAULT_PHASES:
+    if action not in _FAULT_ACTIONS or phase not in _FAULT_PHASES:
         return None
     round_: int | None = None
     if round_text:
         if not round_text.isdecimal():
             return None
         round_ = int(round_text)
-    when: Literal["before", "after"] = "before" if action == "exit-before" else "after"
-    return Fault(when, phase, _FAULT_PHASES[phase], round_)
+    what, when = _FAULT_ACTIONS[action]
+    return Fault(when, phase, _FAULT_PHASES[phase], round_, what)
 
 
 def shape_fields(shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -512,8 +530,19 @@ class NodeDaemon:
     def _fault_point(
         self, when: str, msg: Message, context: zmq.Context[Any] | None
     ) -> None:
-        """Test-only: exit with ``FAULT_EXIT_CODE`` if sending ``msg`` is the fault."""
+        """Test-only: exit with ``FAULT_EXIT_CODE`` (or block, for ``delay``) if
+        sending ``msg`` is the fault."""
         if self._fault is None or not self._fault.matches(msg, when):
+            return
+        if self._fault.action == "delay":
+            seconds = float(os.environ.get(FAULT_DELAY_ENV) or 10.0)
+            self.log.warning(
+                "test fault: delay %.1fs before %s round=%d",
+                seconds,
+                self._fault.phase,
+                msg.round,
+            )
+            time.sleep(seconds)
             return
         self.log.warning(
             "test fault: exit %s %s round=%d", when, self._fault.phase, msg.round

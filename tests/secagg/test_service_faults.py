@@ -312,6 +312,11 @@ def test_fault_garbage_and_oversized_frames_on_researcher_port_next_sum_ok(
         ("exit-after:upload", Fault("after", "upload", MsgType.MASKED_INPUT)),
         ("exit-before:keys", Fault("before", "keys", MsgType.ROUND_ADVERT)),
         ("exit-before:reveal:3", Fault("before", "reveal", MsgType.UNMASK_SHARES, 3)),
+        (
+            "delay-before:upload:2",
+            Fault("before", "upload", MsgType.MASKED_INPUT, 2, "delay"),
+        ),
+        ("delay-after:upload", None),
         (None, None),
         ("", None),
         ("exit-after", None),
