@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final
@@ -66,7 +66,7 @@ def _free_port() -> int:
 
 
 class LocalDeployment:
-    """A researcher directory and N node directories, with daemons on loopback.
+    """A researcher directory and N node directories, and their daemons.
 
     Parameters
     ----------
@@ -74,11 +74,16 @@ class LocalDeployment:
         An empty directory to create everything in.
     n_nodes, samples
         How many nodes, and rows of synthetic training data per node.
+    endpoint
+        Where the nodes reach the researcher (written to each ``node.toml``);
+        default: a free ``tcp://127.0.0.1`` port.
     """
 
-    def __init__(self, root: Path, n_nodes: int, samples: int) -> None:
+    def __init__(
+        self, root: Path, n_nodes: int, samples: int, *, endpoint: str | None = None
+    ) -> None:
         self.root = root
-        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.endpoint = endpoint or f"tcp://127.0.0.1:{_free_port()}"
         self.home = root / "researcher"
         self.ids = [f"node-{chr(ord('a') + i)}" for i in range(n_nodes)]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -110,8 +115,13 @@ class LocalDeployment:
     def log_path(self, node: str) -> Path:
         return self.root / f"{node}.log"
 
-    def start(self) -> None:
-        """Start every node daemon as a subprocess."""
+    def start(self, wrap: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Start every node daemon as a subprocess.
+
+        ``wrap`` maps a node id to a command its daemon's command line is
+        prefixed with (for example ``["ip", "netns", "exec", "ns1"]``); the
+        prefix must ``exec`` the daemon, so that stopping the process stops it.
+        """
         env = dict(os.environ, OMP_NUM_THREADS="1")
         # The daemons import the same secagg as this process, installed or not.
         source = str(Path(__file__).resolve().parents[1])
@@ -120,7 +130,8 @@ class LocalDeployment:
         for v in self.ids:
             with open(self.log_path(v), "wb") as log:
                 self.procs[v] = subprocess.Popen(
-                    [sys.executable, "-m", "secagg", "-v", "node", "start"]
+                    [*(wrap or {}).get(v, ())]
+                    + [sys.executable, "-m", "secagg", "-v", "node", "start"]
                     + ["--dir", str(self.root / v)],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,

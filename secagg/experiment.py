@@ -103,8 +103,9 @@ class RoundRecord:
         Seconds per phase: secure rounds have ``setup`` (only in a round that
         built or resumed the context), ``round.keys`` (nodes train, then
         send their round keys), ``round.upload``, ``round.survivors``,
-        ``round.unmask`` and ``total``; cleartext rounds ``train+upload`` and
-        ``total``. ``aggregate`` is the researcher's own update of the model.
+        ``round.unmask``; cleartext rounds ``train+upload``. Both have
+        ``aggregate`` (the researcher's own update and evaluation of the model)
+        and ``total`` (the whole round, ``setup`` excluded).
     bytes_sent, bytes_received
         Bytes the researcher's socket sent and received in the round (transport
         frames; see :class:`mpc_runtime.transport.ResearcherEndpoint`).
@@ -385,7 +386,8 @@ class Experiment:
             test = self.plan.evaluate(self.model, *self.test_data)
         timings = dict(record.timings)
         timings["aggregate"] = time.monotonic() - t0
-        timings["total"] = time.monotonic() - started
+        # The round itself: a setup() that ran first is reported on its own.
+        timings["total"] = time.monotonic() - started - timings.get("setup", 0.0)
         traffic = self._link.open().traffic
         record = RoundRecord(
             round=index,

@@ -128,6 +128,29 @@ def test_experiment_job_is_stable_and_nodes_default_to_the_enrolled(deploy):
         assert exp.secagg is None
 
 
+def test_progress_bar_line_shows_round_loss_accuracy_and_time(deploy):
+    import io
+
+    deploy.add_nodes(NODES3)
+    rec = RoundRecord(
+        round=2,
+        secure=True,
+        contributors=tuple(NODES3),
+        dropped=(),
+        train_loss=0.4321,
+        test={"loss": 0.5, "accuracy": 0.875, "n_samples": 8},
+        timings={"total": 1.25},
+        bytes_sent=1,
+        bytes_received=2,
+    )
+    with experiment(deploy, rounds=4) as exp:
+        out = io.StringIO()
+        exp._draw(rec, out)
+    line = out.getvalue()
+    assert line.startswith("\r[" + "#" * 12 + "." * 12 + "] round 2/4")
+    assert "loss 0.4321" in line and "acc 0.875" in line and "1.25s" in line
+
+
 # ----------------------------------------------------------------- with daemons
 
 
