@@ -516,16 +516,10 @@ class Node:
             return self.identity_key
         if self._peer_trust == "roster":
             return self._roster[node]
+        # TOFU: the pinned key, else the advertised one; the caller pins it only once
+        # every advert of the message has verified (a refused message pins nothing).
         pinned = self._store.pinned_key(node)
-        if pinned is None:
-            self._log.warning(
-                "peer=%s pinned on first sight (TOFU): "
-                "first contact is only honest-but-curious",
-                node,
-            )
-            self._store.pin_key(node, advertised)
-            return advertised
-        return pinned
+        return advertised if pinned is None else pinned
 
     def _on_context_adverts(self, ctx: _Context, msg: ContextAdverts) -> list[Outgoing]:
         rec = ctx.record
@@ -573,6 +567,15 @@ class Node:
                     RefusalReason.AUTHENTICATION, "bad advert signature"
                 ) from None
             identities[advert.node] = identity
+        if self._peer_trust == "tofu":
+            for node, identity in identities.items():
+                if node != self.node_id and self._store.pinned_key(node) is None:
+                    self._log.warning(
+                        "peer=%s pinned on first sight (TOFU): "
+                        "first contact is only honest-but-curious",
+                        node,
+                    )
+                    self._store.pin_key(node, identity)
         transcript = compute_transcript(rec.context_id, msg.adverts)
         signature = keys.sign(
             self._signing_key,

@@ -395,10 +395,12 @@ def test_researcher_crashes_mid_round_and_restarts(
         clear(deploy, res, NODES5)
         assert res.round == crashed + 1
         cid = server.context_id
+        revealed = 0
         if stage == "round.unmask":
-            # The unmask request left before the crash: the survivors revealed
-            # exactly what S allows, and the shares were lost with the process.
-            assert check_reveals(deploy, cid, crashed, tuple(NODES5), ()) == 5
+            # The unmask requests were queued just before the crash (os._exit does
+            # not flush, so any number of them left): whoever got one revealed
+            # exactly what S allows, and those shares died with the process.
+            revealed = check_reveals(deploy, cid, crashed, tuple(NODES5), ())
         else:
             for v in NODES5:
                 assert reveal_digest(deploy, v, cid, crashed) is None
@@ -411,7 +413,8 @@ def test_researcher_crashes_mid_round_and_restarts(
         1,
         "context resumed without setup; next round number; exact sum of all 5; "
         + (
-            "the interrupted round's reveals were exactly b(S)"
+            f"the interrupted round's reveals ({revealed} of 5 got the request) "
+            "were exactly b(S)"
             if stage == "round.unmask"
             else "nothing revealed for the interrupted round"
         )
