@@ -11,6 +11,7 @@ one link, hence one socket (DESIGN §1).
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -63,6 +64,15 @@ class ResearcherLink:
         self._options = options
         self._endpoint: ResearcherEndpoint | None = None
         self.closed = False
+        # Driver requests (shape queries, cleartext rounds) are told apart by a
+        # query number; one counter per socket, starting at random so a restarted
+        # researcher does not match answers meant for its predecessor.
+        self._query = secrets.randbelow(1 << 40) + 1
+
+    def next_query(self) -> int:
+        """A fresh query number for a driver request on this socket."""
+        self._query += 1
+        return self._query
 
     @property
     def researcher_id(self) -> str:

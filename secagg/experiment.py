@@ -259,7 +259,6 @@ class Experiment:
         self.model = self.plan.model(seed=int(self.training_args["seed"]))
         #: One :class:`RoundRecord` per finished round.
         self.history: list[RoundRecord] = []
-        self._query = secrets.randbelow(1 << 40) + 1
 
     # ------------------------------------------------------------------ setup
 
@@ -461,8 +460,7 @@ class Experiment:
         nodes = self._job.nodes
         self._link.refresh_enrolled()
         self._link.wait_routable(nodes, self.timeout)
-        self._query += 1
-        q = self._query
+        q = self._link.next_query()
         request = RoundRequest(
             context_id=DRIVER_CONTEXT,
             round=q,

@@ -40,11 +40,10 @@ import hashlib
 import json
 import logging
 import math
-import secrets
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -227,7 +226,6 @@ class SecureAggregation:
             files.load_researcher_keys(self.home)  # Fail early on bad key files.
         self._servers: dict[str, Server] = {}
         self._current: str | None = None
-        self._query = secrets.randbelow(1 << 40) + 1
         self._closed = False
 
     # ------------------------------------------------------------- lifecycle
@@ -302,21 +300,6 @@ class SecureAggregation:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ---------------------------------------------------------------- driver
-
-    def _pump(
-        self,
-        done: Callable[[], bool],
-        *,
-        server: Server | None,
-        outbox: list[Outgoing],
-        on_driver: Callable[[str, Message], None] | None = None,
-        limit: float,
-    ) -> None:
-        self._get_link().pump(
-            done, server=server, outbox=outbox, on_driver=on_driver, limit=limit
-        )
 
     # ----------------------------------------------------------------- setup
 
@@ -450,7 +433,7 @@ class SecureAggregation:
         self._get_link().wait_routable(nodes, self.timeout)
         started = time.monotonic()
         outbox = list(server.start_setup(started))
-        self._pump(
+        self._get_link().pump(
             lambda: server.stage in (ServerStage.READY, ServerStage.FAILED),
             server=server,
             outbox=outbox,
@@ -479,8 +462,7 @@ class SecureAggregation:
         self, server: Server, task: str, args: Mapping[str, Any]
     ) -> tuple[tuple[int, ...], set[str]]:
         """Ask every node for its task's output shape; return it and the silent."""
-        self._query += 1
-        q = self._query
+        q = self._get_link().next_query()
         query = RoundRequest(
             context_id=DRIVER_CONTEXT,
             round=q,
@@ -507,7 +489,7 @@ class SecureAggregation:
                 refused[sender] = msg.reason
 
         outbox = [Outgoing(v, query) for v in server.nodes]
-        self._pump(
+        self._get_link().pump(
             lambda: len(shapes) + len(refused) == len(server.nodes),
             server=None,
             outbox=outbox,
@@ -675,7 +657,7 @@ class SecureAggregation:
                     now,
                 )
             )
-        self._pump(
+        self._get_link().pump(
             lambda: server.is_finished(r),
             server=server,
             outbox=outbox,

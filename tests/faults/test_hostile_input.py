@@ -79,7 +79,14 @@ from secagg.node import DRIVER_CONTEXT
 from secagg.store import STATE_DIR
 
 from ..mpc_runtime.test_framing import _samples
-from ..secagg._service_support import NODES3, REPO, WAIT, Deployment, check_result
+from ..secagg._service_support import (
+    NODES3,
+    REPO,
+    WAIT,
+    Deployment,
+    check_result,
+    wait_connected,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -497,15 +504,6 @@ def _start_debug(dep: Deployment, *ids: str) -> None:
             )
 
 
-def _wait_connected(dep: Deployment, *ids: str) -> None:
-    end = time.monotonic() + WAIT
-    for v in ids:
-        while "connected to researcher" not in dep.log(v):
-            assert dep.procs[v].poll() is None, dep.log(v)
-            assert time.monotonic() < end, f"{v} did not connect:\n{dep.log(v)}"
-            time.sleep(0.05)
-
-
 # --------------------------------------------------- case 2: researcher socket
 
 
@@ -611,7 +609,7 @@ def test_researcher_socket_fuzz_drops_counted_and_sums_exact(deploy, reliability
     spare = files.load_node_identity(deploy.dirs[SPARE])
     spare_keys = (spare.curve_public, spare.curve_secret)
     with deploy.secagg(timeout=5.0) as sa:
-        _wait_connected(deploy, *NODES3)
+        wait_connected(deploy, *NODES3)
         sa.setup(NODES3, job_id="hostile-socket")
         first = sa.secure_sum("vector")
         check_result(deploy, first, NODES3)
@@ -1285,7 +1283,7 @@ def test_daemon_hostile_researcher_keeps_serving_state_unchanged(deploy, reliabi
     _start_debug(deploy, *NODES3)
     sent: dict[tuple[str, m.MsgType], Any] = {}
     with deploy.secagg() as sa:
-        _wait_connected(deploy, *NODES3)
+        wait_connected(deploy, *NODES3)
         _record_sends(sa._open(), sent)
         sa.setup(NODES3, job_id=job)
         res = sa.secure_sum("vector")

@@ -39,7 +39,7 @@ from secagg import SumResult
 from secagg.node import FAULT_DELAY_ENV, FAULT_EXIT_CODE
 from secagg.store import FileNodeStore
 
-from ..secagg._service_support import WAIT, Deployment, check_result
+from ..secagg._service_support import WAIT, Deployment, check_result, wait_connected
 
 pytestmark = pytest.mark.slow
 
@@ -48,15 +48,6 @@ AREA = "Node and researcher faults (n = 5, t = 3)"
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def wait_connected(dep: Deployment, *ids: str) -> None:
-    end = time.monotonic() + WAIT
-    for v in ids:
-        while "connected to researcher" not in dep.log(v):
-            assert dep.procs[v].poll() is None, dep.log(v)
-            assert time.monotonic() < end, f"{v} did not connect:\n{dep.log(v)}"
-            time.sleep(0.05)
 
 
 def restart(dep: Deployment, v: str, fault: str | None = None) -> None:
@@ -349,7 +340,7 @@ RESEARCHER = textwrap.dedent(
                                 now=time.monotonic())
     sa._save(sa._current, server)
     # Crash (no close, no flush) as soon as the round reaches the chosen stage.
-    sa._pump(lambda: server.stage.value == stage, server=server,
+    sa._get_link().pump(lambda: server.stage.value == stage, server=server,
              outbox=list(out), limit=20.0)
     print(f"round={r} stage={server.stage.value}", flush=True)
     os._exit(86 if server.stage.value == stage else 1)

@@ -154,6 +154,16 @@ class Deployment:
                 proc.wait(WAIT)
 
 
+def wait_connected(dep: Deployment, *ids: str) -> None:
+    """Wait (bounded: WAIT) until each daemon's log says it reached the researcher."""
+    end = time.monotonic() + WAIT
+    for v in ids:
+        while "connected to researcher" not in dep.log(v):
+            assert dep.procs[v].poll() is None, dep.log(v)
+            assert time.monotonic() < end, f"{v} did not connect:\n{dep.log(v)}"
+            time.sleep(0.05)
+
+
 @pytest.fixture
 def deploy(tmp_path: Path) -> Iterator[Deployment]:
     dep = Deployment(tmp_path)

@@ -33,19 +33,9 @@ from secagg import ConfigError, PhaseTimeout, PolicyRefused
 from secagg import files as secagg_files
 from secagg.node import FAULT_EXIT_CODE, Fault, parse_fault
 
-from ._service_support import NODES3, WAIT, Deployment, check_result
+from ._service_support import NODES3, WAIT, Deployment, check_result, wait_connected
 
 NODES5 = ["node-a", "node-b", "node-c", "node-d", "node-e"]
-
-
-def wait_connected(dep: Deployment, *ids: str) -> None:
-    """Wait (bounded: WAIT) until each daemon's log says it reached the researcher."""
-    end = time.monotonic() + WAIT
-    for v in ids:
-        while "connected to researcher" not in dep.log(v):
-            assert dep.procs[v].poll() is None, dep.log(v)
-            assert time.monotonic() < end, f"{v} did not connect:\n{dep.log(v)}"
-            time.sleep(0.05)
 
 
 def wait_exit(dep: Deployment, v: str) -> int:
