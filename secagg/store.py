@@ -23,7 +23,6 @@ file that does not decode or does not match its name raises
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import logging
@@ -58,7 +57,6 @@ _STEP_RE: Final = re.compile(r"([0-9]{20})\.([a-z][a-z0-9-]{0,31})\.msgpack")
 _PHASE_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _CONTEXT_RE: Final = re.compile(r"(?:[0-9a-f]{2}){1,64}")
 _TMP_RE: Final = re.compile(r"\.[^/]+\.[0-9a-f]{12}\.tmp")
-_RECORD_FIELDS: Final = {f.name: f for f in dataclasses.fields(ContextRecord)}
 
 
 def _pack(doc: dict[str, Any]) -> bytes:
@@ -113,44 +111,13 @@ def _check_phase(phase: object) -> str:
 
 
 def _record_to_doc(record: ContextRecord) -> dict[str, Any]:
-    doc: dict[str, Any] = {"v": _FORMAT}
-    for name in _RECORD_FIELDS:
-        value = getattr(record, name)
-        doc[name] = list(value) if isinstance(value, tuple) else value
-    return doc
+    return {"v": _FORMAT, **record.to_dict()}
 
 
 def _record_from_doc(doc: dict[str, Any], path: Path) -> ContextRecord:
-    fields = {k: v for k, v in doc.items() if k != "v"}
-    if set(fields) != set(_RECORD_FIELDS):
-        raise ConfigError(f"{path}: corrupted state file (unexpected fields)")
-    if not isinstance(fields["nodes"], list) or not all(
-        isinstance(v, str) for v in fields["nodes"]
-    ):
-        raise ConfigError(f"{path}: corrupted state file (nodes)")
-    fields["nodes"] = tuple(fields["nodes"])
-    for name in ("identity_keys", "share_keys"):
-        m = fields[name]
-        if not isinstance(m, dict) or not all(
-            isinstance(k, str) and isinstance(v, bytes) for k, v in m.items()
-        ):
-            raise ConfigError(f"{path}: corrupted state file ({name})")
-    expected = {
-        "context_id": bytes,
-        "researcher": str,
-        "ring_bits": int,
-        "bits": int,
-        "clipping_range": float,
-        "threshold": int,
-        "e_secret": bytes,
-        "share_key": bytes,
-        "advert_signature": bytes,
-        "transcript": bytes,
-    }
-    for name, kind in expected.items():
-        if not isinstance(fields[name], kind) or isinstance(fields[name], bool):
-            raise ConfigError(f"{path}: corrupted state file ({name})")
-    return ContextRecord(**fields)
+    return ContextRecord.from_dict(
+        {k: v for k, v in doc.items() if k != "v"}, where=str(path)
+    )
 
 
 class FileNodeStore:

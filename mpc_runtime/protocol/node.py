@@ -8,19 +8,20 @@ import hmac
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
-from typing import Literal
+from typing import Any, Final, Literal
 
 import nacl.signing
 import numpy as np
 
-from .. import keys, masking, sharing
+from .. import framing, keys, masking, sharing
 from ..encoding import encode
 from ..errors import (
     AuthenticationError,
     ClippingWarning,
+    ConfigError,
     MalformedMessage,
     PolicyRefused,
 )
@@ -160,6 +161,64 @@ class ContextRecord:
         """The 1-based Shamir index x of ``node`` in sorted node order (DESIGN §3)."""
         return self.nodes.index(node) + 1
 
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain data (``{field: value}`` in field order; lists for
+        tuples), ready for msgpack. It holds ``e_u``: keep it as the record."""
+        doc: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = dict(value)
+            doc[f.name] = value
+        return doc
+
+    @classmethod
+    def from_dict(
+        cls, doc: Mapping[str, Any], *, where: str = "context record"
+    ) -> ContextRecord:
+        """The record of :meth:`to_dict` output, every field's type checked.
+
+        Raises
+        ------
+        ConfigError
+            ``doc`` is not a record (``where`` names its source in the message).
+        """
+        values = dict(doc)
+        if set(values) != _RECORD_FIELDS:
+            raise ConfigError(f"{where}: corrupted context record (unexpected fields)")
+        nodes = values["nodes"]
+        if not isinstance(nodes, list) or not all(isinstance(v, str) for v in nodes):
+            raise ConfigError(f"{where}: corrupted context record (nodes)")
+        values["nodes"] = tuple(nodes)
+        for name in ("identity_keys", "share_keys"):
+            m = values[name]
+            if not isinstance(m, dict) or not all(
+                isinstance(k, str) and isinstance(v, bytes) for k, v in m.items()
+            ):
+                raise ConfigError(f"{where}: corrupted context record ({name})")
+            values[name] = dict(m)
+        for name, kind in _RECORD_SCALARS.items():
+            if not isinstance(values[name], kind) or isinstance(values[name], bool):
+                raise ConfigError(f"{where}: corrupted context record ({name})")
+        return cls(**values)
+
+
+_RECORD_FIELDS: Final = frozenset(f.name for f in fields(ContextRecord))
+_RECORD_SCALARS: Final[Mapping[str, type]] = {
+    "context_id": bytes,
+    "researcher": str,
+    "ring_bits": int,
+    "bits": int,
+    "clipping_range": float,
+    "threshold": int,
+    "e_secret": bytes,
+    "share_key": bytes,
+    "advert_signature": bytes,
+    "transcript": bytes,
+}
+
 
 @dataclass(slots=True)
 class _RoundState:
@@ -198,6 +257,153 @@ class _Context:
     record: ContextRecord
     stage: NodeStage
     round: _RoundState | None = None
+
+
+_ROUND_KEYS: Final = frozenset(
+    {
+        "round",
+        "request",
+        "digest",
+        "inputs",
+        "c_secret",
+        "mask_key",
+        "b_seed",
+        "own_c",
+        "own_b",
+        "peers",
+        "peer_mask_keys",
+        "held_c",
+        "held_b",
+        "signed_survivors",
+        "started",
+    }
+)
+
+
+def _round_to_dict(
+    state: _RoundState, prefix: str, arrays: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    # Only the streams of the request are used after the keys phase; D_r is kept
+    # as computed, so the weights (the whole model) are not stored again.
+    request = replace(state.request, weights=())
+    for name, x in state.inputs.items():
+        arrays[f"{prefix}/{name}"] = x
+    return {
+        "round": state.round,
+        "request": bytes(framing.encode(request)[0]),
+        "digest": state.digest,
+        "inputs": sorted(state.inputs),
+        "c_secret": state.c_secret,
+        "mask_key": state.mask_key,
+        "b_seed": state.b_seed,
+        "own_c": state.own_c.to_bytes(),
+        "own_b": state.own_b.to_bytes(),
+        "peers": list(state.peers),
+        "peer_mask_keys": dict(state.peer_mask_keys),
+        "held_c": {v: s.to_bytes() for v, s in state.held_c.items()},
+        "held_b": {v: s.to_bytes() for v, s in state.held_b.items()},
+        "signed_survivors": (
+            None if state.signed_survivors is None else list(state.signed_survivors)
+        ),
+        "started": float(state.started),
+    }
+
+
+def _round_from_dict(
+    doc: Mapping[str, Any],
+    stage: NodeStage,
+    context_id: bytes,
+    arrays: Mapping[str, np.ndarray],
+) -> _RoundState:
+    if set(doc) != _ROUND_KEYS:
+        raise ValueError("unexpected round fields")
+    request = framing.decode([_bytes(doc["request"])])
+    r = _int(doc["round"])
+    if not isinstance(request, RoundRequest):
+        raise TypeError("expected a round request")
+    if request.context_id != context_id or request.round != r:
+        raise ValueError("the round request is not the round's")
+    prefix = context_id.hex()
+    names = [_str(n) for n in _list(doc["inputs"])]
+    sizes = {spec.name: spec.size for spec in request.streams}
+    # The inputs are held until the upload, then erased.
+    if sorted(names) != (sorted(sizes) if stage is NodeStage.KEYS_SENT else []):
+        raise ValueError(f"inputs differ from the request's streams in {stage.value}")
+    inputs: dict[str, np.ndarray] = {}
+    for name in names:
+        x = arrays.get(f"{prefix}/{name}")
+        if (
+            not isinstance(x, np.ndarray)
+            or x.dtype.type not in (np.float32, np.float64)
+            or x.shape != (sizes[name],)
+        ):
+            raise ValueError(
+                f"input {name!r} missing or not a float vector of its size"
+            )
+        inputs[name] = x
+    signed = doc["signed_survivors"]
+    started = doc["started"]
+    if not isinstance(started, float):
+        raise TypeError("expected a float start time")
+    return _RoundState(
+        round=r,
+        request=request,
+        digest=_bytes(doc["digest"]),
+        inputs=inputs,
+        c_secret=_bytes(doc["c_secret"]),
+        mask_key=_bytes(doc["mask_key"]),
+        b_seed=_bytes(doc["b_seed"]),
+        own_c=sharing.Share.from_bytes(_bytes(doc["own_c"])),
+        own_b=sharing.Share.from_bytes(_bytes(doc["own_b"])),
+        peers=_strs(doc["peers"]),
+        peer_mask_keys={
+            _str(v): _bytes(k) for v, k in _map(doc["peer_mask_keys"]).items()
+        },
+        held_c={
+            _str(v): sharing.Share.from_bytes(_bytes(s))
+            for v, s in _map(doc["held_c"]).items()
+        },
+        held_b={
+            _str(v): sharing.Share.from_bytes(_bytes(s))
+            for v, s in _map(doc["held_b"]).items()
+        },
+        signed_survivors=None if signed is None else _strs(signed),
+        started=started,
+    )
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected int, got {type(value).__name__}")
+    return value
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected str, got {type(value).__name__}")
+    return value
+
+
+def _list(value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _strs(value: object) -> tuple[str, ...]:
+    return tuple(_str(v) for v in _list(value))
+
+
+def _map(value: object) -> Mapping[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a map, got {type(value).__name__}")
+    return value
 
 
 def _digest(label: str, *fields: object) -> bytes:
@@ -302,6 +508,103 @@ class Node:
         """Whether c_u^r, b_u^r or held shares exist for the context (tests erasure)."""
         ctx = self._context(context_id)
         return bool(ctx and ctx.round is not None)
+
+    def export_contexts(self) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+        """The machine's in-flight state, for a driver whose process ends between
+        messages (a Flower deployment runs one process per message).
+
+        Exported: every context in setup (its record, with ``e_u``) and every
+        ready context with a round in progress, **including the round's secrets**:
+        c_u^r, b_u^r, the shares held for the peers, the peers' mask keys and the
+        node's inputs. The caller then holds secrets and must keep them as it
+        keeps ``e_u`` (the store's records): on the node's own machine, never
+        sent. A round's secrets are exported only while the round is open; once
+        it ends (reveal, abort, superseded) the next export no longer has them.
+        Ready contexts without a round are left out (the store holds their
+        records and the machine reloads them on demand), and so are failed ones
+        (unknown and failed contexts are refused alike).
+
+        Returns
+        -------
+        docs, arrays
+            ``docs``: one dict per context of plain msgpack-able data (bytes, str,
+            int, float, None, lists, dicts). ``arrays``: the round inputs, keyed
+            ``"<context id hex>/<stream>"``. Nothing is pickled. The round request
+            is kept without its weights (only its streams are used after keys).
+        """
+        docs: list[dict[str, Any]] = []
+        arrays: dict[str, np.ndarray] = {}
+        for cid, ctx in self._contexts.items():
+            if ctx.stage is NodeStage.FAILED or (
+                ctx.stage is NodeStage.READY and ctx.round is None
+            ):
+                continue
+            docs.append(
+                {
+                    "record": ctx.record.to_dict(),
+                    "stage": ctx.stage.value,
+                    "round": None
+                    if ctx.round is None
+                    else _round_to_dict(ctx.round, cid.hex(), arrays),
+                }
+            )
+        return docs, arrays
+
+    def import_contexts(
+        self,
+        docs: Sequence[Mapping[str, Any]],
+        arrays: Mapping[str, np.ndarray],
+        *,
+        where: str = "node snapshot",
+    ) -> None:
+        """Put :meth:`export_contexts` output into this (fresh) machine.
+
+        Use it before the first :meth:`handle`, with the store the exporting
+        machine used (or one rebuilt from its snapshot). A record the store also
+        holds is shared with the store, as in a machine that never stopped. A
+        context the machine already holds is replaced.
+
+        Everything is checked before anything changes: each field's type, the
+        stage (a round exactly in the round stages), the shares, the request
+        (decoded as a message), and the inputs (until the upload, one float vector
+        per requested stream, of the stream's size; none after). ``where`` names the source in errors.
+
+        Raises
+        ------
+        ConfigError
+            The data is not :meth:`export_contexts` output.
+        """
+        contexts: dict[bytes, _Context] = {}
+        try:
+            for doc in docs:
+                if not isinstance(doc, Mapping) or set(doc) != {
+                    "record",
+                    "stage",
+                    "round",
+                }:
+                    raise ValueError("unexpected fields")
+                record = ContextRecord.from_dict(_map(doc["record"]), where=where)
+                saved = self._store.load_context(record.context_id)
+                if isinstance(saved, ContextRecord):
+                    record = saved
+                stage = NodeStage(_str(doc["stage"]))
+                if stage in (NodeStage.FAILED, NodeStage.READY):
+                    raise ValueError(f"unexpected stage {stage.value}")
+                rnd = doc["round"]
+                if (rnd is None) == (stage in _ROUND_STAGES):
+                    raise ValueError(f"round state does not match {stage.value}")
+                contexts[record.context_id] = _Context(
+                    record=record,
+                    stage=stage,
+                    round=None
+                    if rnd is None
+                    else _round_from_dict(_map(rnd), stage, record.context_id, arrays),
+                )
+        except (TypeError, ValueError, KeyError, MalformedMessage) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{where}: corrupted node snapshot ({e})") from None
+        self._contexts.update(contexts)
 
     def handle(self, msg: Message, now: float) -> list[Outgoing]:
         """Process one message from the researcher; return what to send back.

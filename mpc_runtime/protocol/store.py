@@ -4,11 +4,18 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Final, Protocol, Self, runtime_checkable
 
-from ..errors import UnexpectedMessage
+from ..errors import ConfigError, UnexpectedMessage
 
 __all__ = ["StepAlreadyCommitted", "NodeStore", "MemoryNodeStore"]
+
+#: Bounds checked when a snapshot is loaded (as ``secagg.store`` checks its files).
+_MAX_CONTEXT_ID: Final = 64
+_MAX_DIGEST: Final = 64
+_MAX_PHASE: Final = 32
+_MAX_ROUND: Final = 10**20
 
 
 class StepAlreadyCommitted(UnexpectedMessage):
@@ -70,7 +77,8 @@ class MemoryNodeStore:
     """In-memory :class:`NodeStore` for tests, benchmarks and the in-memory driver.
 
     It survives a restart of the node *object* (pass the same store to the new
-    machine), not of the process.
+    machine), not of the process; :meth:`snapshot` and :meth:`from_snapshot` carry
+    it across processes for drivers that keep it elsewhere.
     """
 
     def __init__(self) -> None:
@@ -111,6 +119,8 @@ class MemoryNodeStore:
 
     def save_context(self, context_id: bytes, record: Any) -> None:
         with self._lock:
+            # Re-inserted: the records are kept (and snapshotted) in save order.
+            self._contexts.pop(context_id, None)
             self._contexts[context_id] = record
 
     def load_context(self, context_id: bytes) -> Any | None:
@@ -128,3 +138,129 @@ class MemoryNodeStore:
     def pin_key(self, node: str, key: bytes) -> None:
         with self._lock:
             self._pins.setdefault(node, key)
+
+    # ---------------------------------------------------------------- snapshots
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole store as plain data (bytes, str, int, lists, dicts): msgpack-able.
+
+        The form is::
+
+            {"seen": [context_id, ...],                 # sorted
+             "steps": [[context_id, round, phase, digest], ...],
+             "last": [[context_id, round], ...],
+             "contexts": [ContextRecord.to_dict(), ...],  # in save order
+             "pins": {node: identity key}}
+
+        The saved records hold the nodes' ``e_u`` keys: the snapshot is as secret
+        as the store. Every record must be a
+        :class:`~mpc_runtime.protocol.node.ContextRecord`.
+
+        Raises
+        ------
+        TypeError
+            A saved record is not a ``ContextRecord``.
+        """
+        from .node import ContextRecord  # node imports this module
+
+        with self._lock:
+            records = list(self._contexts.values())
+            doc: dict[str, Any] = {
+                "seen": sorted(self._seen),
+                "steps": [
+                    [cid, r, phase, digest]
+                    for (cid, r, phase), digest in self._steps.items()
+                ],
+                "last": [[cid, r] for cid, r in self._last.items()],
+                "pins": dict(self._pins),
+            }
+        for rec in records:
+            if not isinstance(rec, ContextRecord):
+                raise TypeError(
+                    f"expected record ContextRecord, got {type(rec).__name__}"
+                )
+        doc["contexts"] = [rec.to_dict() for rec in records]
+        return doc
+
+    @classmethod
+    def from_snapshot(
+        cls, doc: Mapping[str, Any], *, where: str = "node store snapshot"
+    ) -> Self:
+        """A new store holding :meth:`snapshot` output (``doc`` is not kept).
+
+        Every value is checked for its type and bounds (context ids of 1-64
+        bytes, rounds in ``[0, 10**20)``, phases and digests of at most 32 and 64
+        bytes); ``where`` names the source in errors.
+
+        Raises
+        ------
+        ConfigError
+            ``doc`` is not a snapshot.
+        """
+        from .node import ContextRecord  # node imports this module
+
+        store = cls()
+        try:
+            if set(doc) != {"seen", "steps", "last", "contexts", "pins"}:
+                raise ValueError("unexpected fields")
+            store._seen = {_context_id(c) for c in _list(doc["seen"])}
+            for step in _list(doc["steps"]):
+                cid, r, phase, digest = _list(step, 4)
+                key = (_context_id(cid), _round(r), _text(phase, _MAX_PHASE))
+                store._steps[key] = _bytes(digest, _MAX_DIGEST)
+            for item in _list(doc["last"]):
+                cid, r = _list(item, 2)
+                store._last[_context_id(cid)] = _round(r)
+            for rec_doc in _list(doc["contexts"]):
+                if not isinstance(rec_doc, Mapping):
+                    raise TypeError("expected a context record")
+                rec = ContextRecord.from_dict(rec_doc, where=where)
+                store._contexts[rec.context_id] = rec
+            pins = doc["pins"]
+            if not isinstance(pins, Mapping):
+                raise TypeError("expected pins as a map")
+            store._pins = {_text(k, 1 << 10): _bytes(v, 64) for k, v in pins.items()}
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{where}: corrupted node store ({e})") from None
+        return store
+
+
+def _list(value: object, length: int | None = None) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"expected a list of {length}, got {len(value)}")
+    return value
+
+
+def _bytes(value: object, max_size: int) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    if len(value) > max_size:
+        raise ValueError(f"expected at most {max_size} bytes, got {len(value)}")
+    return value
+
+
+def _context_id(value: object) -> bytes:
+    cid = _bytes(value, _MAX_CONTEXT_ID)
+    if not cid:
+        raise ValueError("expected a non-empty context id")
+    return cid
+
+
+def _round(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected round int, got {type(value).__name__}")
+    if not 0 <= value < _MAX_ROUND:
+        raise ValueError(f"expected round in [0, 10**20), got {value}")
+    return value
+
+
+def _text(value: object, max_size: int) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected str, got {type(value).__name__}")
+    if len(value) > max_size:
+        raise ValueError(f"expected at most {max_size} characters, got {len(value)}")
+    return value

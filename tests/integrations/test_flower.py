@@ -527,10 +527,6 @@ def test_flower_workflow_bad_arguments_raise_config_error() -> None:
             SecureAggregationWorkflow(**kwargs)
 
 
-def test_flower_node_state_codec_knows_every_machine_field() -> None:
-    _state.check_machine_fields()
-
-
 def test_flower_server_never_sees_client_parameters_in_the_clear() -> None:
     rec = _Recorder()
     seen: list[bytes] = []

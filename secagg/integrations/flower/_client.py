@@ -276,7 +276,7 @@ def _run_protocol(
         max_colluding_nodes=ident.max_colluding_nodes,
         logger=logger,
     )
-    _state.import_contexts(node, doc.get("contexts", []), arrays, store)
+    node.import_contexts(doc.get("contexts", []), arrays, where=_state.WHERE)
     now = time.time()
     replies = []
     for m in msgs:
@@ -284,7 +284,7 @@ def _run_protocol(
             replies.append(out.message)
     reply = fit_reply if fit_reply is not None else RecordDict()
     _wire.pack(reply, replies, stage=_wire.stage_of(msgs), chunk_bytes=chunk)
-    contexts, new_arrays = _state.export_contexts(node)
+    contexts, new_arrays = node.export_contexts()
     doc["contexts"] = contexts
     return reply, new_arrays
 
