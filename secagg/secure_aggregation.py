@@ -124,14 +124,6 @@ def _utf8_sorted(ids: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(ids), key=lambda v: v.encode("utf-8")))
 
 
-def _suggest_range(c: float, histogram: tuple[int, int, int, int]) -> float:
-    # The upper edge of the highest non-empty |x|/c bin; > 8 gets 16 (a lower bound).
-    for count, edge in zip(reversed(histogram), (16.0, 8.0, 4.0, 2.0)):
-        if count:
-            return c * edge
-    return c
-
-
 class SecureAggregation:
     """The researcher's secure-aggregation context manager (DESIGN §1).
 
@@ -670,14 +662,6 @@ class SecureAggregation:
         return server.outcome(r)
 
     def _warn_clipping(self, r: int, task: str, clip: ClipTotals) -> None:
-        bound = "at least " if clip.saturated else ""
-        suggested = _suggest_range(self.clipping_range, clip.histogram)
-        text = (
-            f"round {r} task {task!r}: {bound}{clip.clipped} value(s) clipped to "
-            f"[-{self.clipping_range:g}, {self.clipping_range:g}]; |x|/c histogram "
-            f"(1,2]={clip.histogram[0]} (2,4]={clip.histogram[1]} "
-            f"(4,8]={clip.histogram[2]} >8={clip.histogram[3]}; suggested "
-            f"clipping_range={bound}{suggested:g}"
-        )
+        text = f"round {r} task {task!r}: {clip.describe(self.clipping_range)}"
         self.log.warning("%s", text)
         warnings.warn(text, ClippingWarning, stacklevel=3)

@@ -124,6 +124,25 @@ class ClipTotals:
     histogram: tuple[int, int, int, int]
     saturated: bool
 
+    def suggested_range(self, clipping_range: float) -> float:
+        """A clipping range that would have clipped nothing: the upper edge of the
+        highest non-empty |x|/c bin (``> 8`` gets 16·c, a lower bound)."""
+        for count, edge in zip(reversed(self.histogram), (16.0, 8.0, 4.0, 2.0)):
+            if count:
+                return clipping_range * edge
+        return clipping_range
+
+    def describe(self, clipping_range: float, noun: str = "value(s)") -> str:
+        """The researcher's clipping report: totals, histogram, suggested range."""
+        bound = "at least " if self.saturated else ""
+        c = clipping_range
+        h = self.histogram
+        return (
+            f"{bound}{self.clipped} {noun} clipped to [-{c:g}, {c:g}]; |x|/c "
+            f"histogram (1,2]={h[0]} (2,4]={h[1]} (4,8]={h[2]} >8={h[3]}; "
+            f"suggested clipping_range={bound}{self.suggested_range(c):g}"
+        )
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RoundResult:

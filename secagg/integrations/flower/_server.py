@@ -107,14 +107,6 @@ class FlowerRoundResult:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
-def _suggest_range(c: float, histogram: tuple[int, int, int, int]) -> float:
-    # As secagg.SecureAggregation: the upper edge of the highest non-empty bin.
-    for count, edge in zip(reversed(histogram), (16.0, 8.0, 4.0, 2.0)):
-        if count:
-            return c * edge
-    return c
-
-
 class SecureAggregationWorkflow:
     """A Flower fit workflow that aggregates with secagg (DESIGN §3/§4).
 
@@ -711,14 +703,9 @@ class SecureAggregationWorkflow:
             )
 
     def _warn_clipping(self, current_round: int, clip: ClipTotals) -> None:
-        bound = "at least " if clip.saturated else ""
-        suggested = _suggest_range(self.clipping_range, clip.histogram)
-        h = clip.histogram
         text = (
-            f"round {current_round}: {bound}{clip.clipped} parameter(s) clipped to "
-            f"[-{self.clipping_range:g}, {self.clipping_range:g}]; |x|/c histogram "
-            f"(1,2]={h[0]} (2,4]={h[1]} (4,8]={h[2]} >8={h[3]}; suggested "
-            f"clipping_range={bound}{suggested:g}"
+            f"round {current_round}: "
+            f"{clip.describe(self.clipping_range, 'parameter(s)')}"
         )
         logger.warning("%s", text)
         warnings.warn(text, ClippingWarning, stacklevel=3)

@@ -881,3 +881,20 @@ def test_server_record_from_bad_dict_raises_config_error(edit):
     edit(doc)
     with pytest.raises(ConfigError, match="context record"):
         ServerRecord.from_dict(doc)
+
+
+def test_clip_totals_describe_and_suggested_range():
+    from mpc_runtime.protocol.round import ClipTotals
+
+    clip = ClipTotals(clipped=7, histogram=(3, 0, 4, 0), saturated=False)
+    assert clip.suggested_range(3.0) == 24.0
+    assert clip.describe(3.0) == (
+        "7 value(s) clipped to [-3, 3]; |x|/c histogram (1,2]=3 (2,4]=0 (4,8]=4 "
+        ">8=0; suggested clipping_range=24"
+    )
+    capped = ClipTotals(clipped=9, histogram=(0, 0, 0, 9), saturated=True)
+    assert capped.describe(0.5, "parameter(s)") == (
+        "at least 9 parameter(s) clipped to [-0.5, 0.5]; |x|/c histogram (1,2]=0 "
+        "(2,4]=0 (4,8]=0 >8=9; suggested clipping_range=at least 8"
+    )
+    assert ClipTotals(0, (0, 0, 0, 0), False).suggested_range(2.0) == 2.0
