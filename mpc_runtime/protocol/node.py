@@ -48,6 +48,7 @@ from ..messages import (
     UnmaskRequest,
     UnmaskShares,
 )
+from ._fields import as_bytes, as_int, as_list, as_map, as_str, as_strs
 from .round import extra_words, request_digest
 from .setup import compute_context_id, compute_transcript, threshold_floor, utf8_sorted
 from .store import NodeStore, StepAlreadyCommitted
@@ -317,14 +318,14 @@ def _round_from_dict(
 ) -> _RoundState:
     if set(doc) != _ROUND_KEYS:
         raise ValueError("unexpected round fields")
-    request = framing.decode([_bytes(doc["request"])])
-    r = _int(doc["round"])
+    request = framing.decode([as_bytes(doc["request"])])
+    r = as_int(doc["round"])
     if not isinstance(request, RoundRequest):
         raise TypeError("expected a round request")
     if request.context_id != context_id or request.round != r:
         raise ValueError("the round request is not the round's")
     prefix = context_id.hex()
-    names = [_str(n) for n in _list(doc["inputs"])]
+    names = [as_str(n) for n in as_list(doc["inputs"])]
     sizes = {spec.name: spec.size for spec in request.streams}
     # The inputs are held until the upload, then erased.
     if sorted(names) != (sorted(sizes) if stage is NodeStage.KEYS_SENT else []):
@@ -348,62 +349,28 @@ def _round_from_dict(
     return _RoundState(
         round=r,
         request=request,
-        digest=_bytes(doc["digest"]),
+        digest=as_bytes(doc["digest"]),
         inputs=inputs,
-        c_secret=_bytes(doc["c_secret"]),
-        mask_key=_bytes(doc["mask_key"]),
-        b_seed=_bytes(doc["b_seed"]),
-        own_c=sharing.Share.from_bytes(_bytes(doc["own_c"])),
-        own_b=sharing.Share.from_bytes(_bytes(doc["own_b"])),
-        peers=_strs(doc["peers"]),
+        c_secret=as_bytes(doc["c_secret"]),
+        mask_key=as_bytes(doc["mask_key"]),
+        b_seed=as_bytes(doc["b_seed"]),
+        own_c=sharing.Share.from_bytes(as_bytes(doc["own_c"])),
+        own_b=sharing.Share.from_bytes(as_bytes(doc["own_b"])),
+        peers=as_strs(doc["peers"]),
         peer_mask_keys={
-            _str(v): _bytes(k) for v, k in _map(doc["peer_mask_keys"]).items()
+            as_str(v): as_bytes(k) for v, k in as_map(doc["peer_mask_keys"]).items()
         },
         held_c={
-            _str(v): sharing.Share.from_bytes(_bytes(s))
-            for v, s in _map(doc["held_c"]).items()
+            as_str(v): sharing.Share.from_bytes(as_bytes(s))
+            for v, s in as_map(doc["held_c"]).items()
         },
         held_b={
-            _str(v): sharing.Share.from_bytes(_bytes(s))
-            for v, s in _map(doc["held_b"]).items()
+            as_str(v): sharing.Share.from_bytes(as_bytes(s))
+            for v, s in as_map(doc["held_b"]).items()
         },
-        signed_survivors=None if signed is None else _strs(signed),
+        signed_survivors=None if signed is None else as_strs(signed),
         started=started,
     )
-
-
-def _bytes(value: object) -> bytes:
-    if not isinstance(value, bytes):
-        raise TypeError(f"expected bytes, got {type(value).__name__}")
-    return value
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected int, got {type(value).__name__}")
-    return value
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected str, got {type(value).__name__}")
-    return value
-
-
-def _list(value: object) -> list[Any]:
-    if not isinstance(value, list):
-        raise TypeError(f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def _strs(value: object) -> tuple[str, ...]:
-    return tuple(_str(v) for v in _list(value))
-
-
-def _map(value: object) -> Mapping[Any, Any]:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"expected a map, got {type(value).__name__}")
-    return value
 
 
 def _digest(label: str, *fields: object) -> bytes:
@@ -583,11 +550,11 @@ class Node:
                     "round",
                 }:
                     raise ValueError("unexpected fields")
-                record = ContextRecord.from_dict(_map(doc["record"]), where=where)
+                record = ContextRecord.from_dict(as_map(doc["record"]), where=where)
                 saved = self._store.load_context(record.context_id)
                 if isinstance(saved, ContextRecord):
                     record = saved
-                stage = NodeStage(_str(doc["stage"]))
+                stage = NodeStage(as_str(doc["stage"]))
                 if stage in (NodeStage.FAILED, NodeStage.READY):
                     raise ValueError(f"unexpected stage {stage.value}")
                 rnd = doc["round"]
@@ -598,7 +565,9 @@ class Node:
                     stage=stage,
                     round=None
                     if rnd is None
-                    else _round_from_dict(_map(rnd), stage, record.context_id, arrays),
+                    else _round_from_dict(
+                        as_map(rnd), stage, record.context_id, arrays
+                    ),
                 )
         except (TypeError, ValueError, KeyError, MalformedMessage) as e:
             if isinstance(e, ConfigError):

@@ -58,6 +58,7 @@ from ..messages import (
     check_id,
     check_name,
 )
+from ._fields import as_float, as_int, as_str
 from .node import Outgoing
 from .round import ClipTotals, RoundResult, clip_cap, request_digest
 from .setup import (
@@ -212,43 +213,25 @@ class ServerRecord:
             if not isinstance(nodes, list) or not isinstance(keys_, dict):
                 raise TypeError("nodes must be a list and identity_keys an object")
             return cls(
-                researcher_id=_json_str(doc["researcher_id"]),
-                job_id=_json_str(doc["job_id"]),
-                nodes=tuple(_json_str(v) for v in nodes),
-                ring_bits=_json_int(doc["ring_bits"]),
-                clipping_range=_json_float(doc["clipping_range"]),
-                threshold=_json_int(doc["threshold"]),
-                max_colluding_nodes=_json_int(doc["max_colluding_nodes"]),
-                nonce=bytes.fromhex(_json_str(doc["nonce"])),
-                context_id=bytes.fromhex(_json_str(doc["context_id"])),
-                transcript=bytes.fromhex(_json_str(doc["transcript"])),
+                researcher_id=as_str(doc["researcher_id"]),
+                job_id=as_str(doc["job_id"]),
+                nodes=tuple(as_str(v) for v in nodes),
+                ring_bits=as_int(doc["ring_bits"]),
+                clipping_range=as_float(doc["clipping_range"]),
+                threshold=as_int(doc["threshold"]),
+                max_colluding_nodes=as_int(doc["max_colluding_nodes"]),
+                nonce=bytes.fromhex(as_str(doc["nonce"])),
+                context_id=bytes.fromhex(as_str(doc["context_id"])),
+                transcript=bytes.fromhex(as_str(doc["transcript"])),
                 identity_keys={
-                    _json_str(v): bytes.fromhex(_json_str(k)) for v, k in keys_.items()
+                    as_str(v): bytes.fromhex(as_str(k)) for v, k in keys_.items()
                 },
-                last_round=_json_int(doc["last_round"]),
+                last_round=as_int(doc["last_round"]),
             )
         except KeyError as e:
             raise ConfigError(f"context record: missing {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"context record: {e}") from None
-
-
-def _json_str(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _json_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {type(value).__name__}")
-    return value
-
-
-def _json_float(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {type(value).__name__}")
-    return float(value)
 
 
 def _check_record(record: ServerRecord) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Final, Protocol, Self, runtime_checkable
 
 from ..errors import ConfigError, UnexpectedMessage
+from ._fields import as_bytes, as_list
 
 __all__ = ["StepAlreadyCommitted", "NodeStore", "MemoryNodeStore"]
 
@@ -203,15 +204,15 @@ class MemoryNodeStore:
         try:
             if set(doc) != {"seen", "steps", "last", "contexts", "pins"}:
                 raise ValueError("unexpected fields")
-            store._seen = {_context_id(c) for c in _list(doc["seen"])}
-            for step in _list(doc["steps"]):
-                cid, r, phase, digest = _list(step, 4)
+            store._seen = {_context_id(c) for c in as_list(doc["seen"])}
+            for step in as_list(doc["steps"]):
+                cid, r, phase, digest = as_list(step, 4)
                 key = (_context_id(cid), _round(r), _text(phase, _MAX_PHASE))
-                store._steps[key] = _bytes(digest, _MAX_DIGEST)
-            for item in _list(doc["last"]):
-                cid, r = _list(item, 2)
+                store._steps[key] = as_bytes(digest, _MAX_DIGEST)
+            for item in as_list(doc["last"]):
+                cid, r = as_list(item, 2)
                 store._last[_context_id(cid)] = _round(r)
-            for rec_doc in _list(doc["contexts"]):
+            for rec_doc in as_list(doc["contexts"]):
                 if not isinstance(rec_doc, Mapping):
                     raise TypeError("expected a context record")
                 rec = ContextRecord.from_dict(rec_doc, where=where)
@@ -219,7 +220,7 @@ class MemoryNodeStore:
             pins = doc["pins"]
             if not isinstance(pins, Mapping):
                 raise TypeError("expected pins as a map")
-            store._pins = {_text(k, 1 << 10): _bytes(v, 64) for k, v in pins.items()}
+            store._pins = {_text(k, 1 << 10): as_bytes(v, 64) for k, v in pins.items()}
         except (TypeError, ValueError) as e:
             if isinstance(e, ConfigError):
                 raise
@@ -227,24 +228,8 @@ class MemoryNodeStore:
         return store
 
 
-def _list(value: object, length: int | None = None) -> list[Any]:
-    if not isinstance(value, list):
-        raise TypeError(f"expected a list, got {type(value).__name__}")
-    if length is not None and len(value) != length:
-        raise ValueError(f"expected a list of {length}, got {len(value)}")
-    return value
-
-
-def _bytes(value: object, max_size: int) -> bytes:
-    if not isinstance(value, bytes):
-        raise TypeError(f"expected bytes, got {type(value).__name__}")
-    if len(value) > max_size:
-        raise ValueError(f"expected at most {max_size} bytes, got {len(value)}")
-    return value
-
-
 def _context_id(value: object) -> bytes:
-    cid = _bytes(value, _MAX_CONTEXT_ID)
+    cid = as_bytes(value, _MAX_CONTEXT_ID)
     if not cid:
         raise ValueError("expected a non-empty context id")
     return cid
