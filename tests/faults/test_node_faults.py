@@ -31,11 +31,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from mpc_runtime.errors import PhaseTimeout
 from mpc_runtime.protocol.node import _digest
-from secagg import SumResult
 from secagg.node import FAULT_DELAY_ENV, FAULT_EXIT_CODE
 from secagg.store import FileNodeStore
 
@@ -102,8 +102,6 @@ def reveal_digest(dep: Deployment, v: str, context_id: bytes, r: int) -> bytes |
     )
     if not path.exists():
         return None
-    import msgpack
-
     return bytes(msgpack.unpackb(path.read_bytes())["digest"])
 
 
@@ -133,10 +131,6 @@ def next_round(sa) -> int:
     return sa._current_server().last_round + 1
 
 
-def clear(dep: Deployment, res: SumResult, ids: list[str]) -> None:
-    check_result(dep, res, ids)
-
-
 # ------------------------------------------------------ a node dies in a phase
 
 
@@ -163,12 +157,12 @@ def test_each_node_killed_in_turn_during_a_round(
             if phase == "upload":
                 # It sent its keys, not its vector: dropped, its pair masks removed
                 # with the others' c-shares.
-                clear(deploy, res, others)
+                check_result(deploy, res, others)
                 assert res.dropped == (v,)
                 revealed = check_reveals(deploy, cid, r, tuple(others), (v,))
             else:
                 # Its upload arrived: a contributor, although it never revealed.
-                clear(deploy, res, NODES5)
+                check_result(deploy, res, NODES5)
                 assert res.dropped == ()
                 # It committed its reveal (exactly b(S)), then crashed before
                 # sending: the sum came from the other four.
@@ -178,7 +172,7 @@ def test_each_node_killed_in_turn_during_a_round(
             restart(deploy, v)
         # All five back: the next round includes everyone.
         res = sa.secure_sum("vector")
-        clear(deploy, res, NODES5)
+        check_result(deploy, res, NODES5)
     finally:
         sa.close()
     outcome = (
@@ -210,7 +204,7 @@ def test_each_node_killed_in_turn_during_setup(deploy, tmp_path, reliability):
             files_checked += check_state(deploy, tmp_path)
             restart(deploy, v)
             sa.setup(NODES5, job_id="faults", force=True)
-            clear(deploy, sa.secure_sum("vector"), NODES5)
+            check_result(deploy, sa.secure_sum("vector"), NODES5)
     finally:
         sa.close()
     reliability.add(
@@ -242,7 +236,7 @@ def test_three_nodes_killed_before_reveal_abort_reveals_nothing(
         files = check_state(deploy, tmp_path)
         for v in dead:
             restart(deploy, v)
-        clear(deploy, sa.secure_sum("vector"), NODES5)
+        check_result(deploy, sa.secure_sum("vector"), NODES5)
     finally:
         sa.close()
     reliability.add(
@@ -264,7 +258,7 @@ def test_each_node_stopped_and_restarted_between_rounds(deploy, tmp_path, reliab
         for v in NODES5:
             restart(deploy, v)  # SIGTERM (exits 0), then a fresh process.
             res = sa.secure_sum("vector")
-            clear(deploy, res, NODES5)
+            check_result(deploy, res, NODES5)
         files = check_state(deploy, tmp_path)
     finally:
         sa.close()
@@ -292,7 +286,7 @@ def test_node_delayed_past_the_deadline_is_dropped_then_back(
             restart(deploy, v, fault=f"delay-before:{phase}:{r}")
             res = sa.secure_sum("vector")
             others = [u for u in NODES5 if u != v]
-            clear(deploy, res, others)
+            check_result(deploy, res, others)
             assert res.dropped == (v,)
             cid = sa._current_server().context_id
             # Late keys: nobody masked with it; late upload: keys were sent.
@@ -301,7 +295,7 @@ def test_node_delayed_past_the_deadline_is_dropped_then_back(
             # Once it wakes, its late message is ignored; the next round has all 5.
             time.sleep(2.5)
             assert deploy.procs[v].poll() is None
-            clear(deploy, sa.secure_sum("vector"), NODES5)
+            check_result(deploy, sa.secure_sum("vector"), NODES5)
             restart(deploy, v)
             runs += 1
         files = check_state(deploy, tmp_path)
@@ -383,7 +377,7 @@ def test_researcher_crashes_mid_round_and_restarts(
         server = again._current_server()
         assert server.context_id == sa._current_server().context_id
         res = again.secure_sum("vector")
-        clear(deploy, res, NODES5)
+        check_result(deploy, res, NODES5)
         assert res.round == crashed + 1
         cid = server.context_id
         revealed = 0
